@@ -1,0 +1,95 @@
+"""Which machine the numbers came from: a short slug for file names and the facts for the JSON."""
+import os
+import platform
+import re
+
+import torch
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _slugify(text: str) -> str:
+    text = re.sub(r"\((R|TM|tm|r)\)", "", text)
+    text = re.sub(r"@.*$", "", text)                       # clock speed
+    text = re.sub(r"\b(\d+-Core|CPU|Processor)\b", "", text, flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def slug(device: str) -> str:
+    if device.startswith("cuda"):
+        return "cuda-" + _slugify(torch.cuda.get_device_name(torch.device(device)))
+    return f"cpu-{_slugify(_cpu_model())}-{cores()}c"
+
+
+def info(device: str) -> dict:
+    import numpy
+    out = {
+        "slug": slug(device),
+        "device": device,
+        "cpu": _cpu_model(),
+        "cores": cores(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_gib": _mem_total_gib(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        out.update(gpu=props.name, gpu_mem_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda)
+    return out
+
+
+def cpu_snapshot():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children, wall)."""
+    import time
+    t = os.times()
+    ours = t.user + t.system + t.children_user + t.children_system
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)          # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")      # without guest time (in user)
+    except (OSError, ValueError, IndexError):
+        busy = None
+    return busy, ours, time.monotonic()
+
+
+def others_share(start, end):
+    """Fraction of all cores' time that other processes used between two cpu_snapshot()s."""
+    if start is None or end is None or start[0] is None or end[0] is None:
+        return None
+    wall = end[2] - start[2]
+    if wall <= 0:
+        return None
+    other = (end[0] - start[0]) - (end[1] - start[1])
+    return round(min(1.0, max(0.0, other / (wall * cores()))), 3)

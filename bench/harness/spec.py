@@ -1,0 +1,74 @@
+"""What a family file declares: its cases, how to call vitk / the reference / a peer, and a check.
+
+The harness derives the eager and torch.compile contenders from the single `reference` call, so a
+family cannot accidentally benchmark a different function under the two names.
+"""
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import pytest
+
+# Contender order is also the column order of the report.
+CONTENDERS = ("vitk", "eager", "compile", "peer")
+
+# (function, args, kwargs): the timed region is exactly function(*args, **kwargs).
+Call = Tuple[Callable, tuple, dict]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: str                      # shown in the table, e.g. "N=2048 K=100000 D=8"
+    params: Dict[str, Any]
+    flops: float                    # useful arithmetic, for the compute roof
+    bytes: float                    # the least any implementation must read and write
+    # Extra bytes one call allocates, per contender (missing: negligible). A contender whose estimate
+    # exceeds what the device has free is skipped, never attempted, so it cannot OOM-kill the run.
+    est_bytes: Dict[str, float] = field(default_factory=dict)
+    est_why: Dict[str, str] = field(default_factory=dict)   # e.g. {"eager": "2 N x K fp32 matrices"}
+
+    @property
+    def seed(self) -> int:
+        # Stable across runs and processes (hash() is salted per process).
+        return zlib.crc32(self.name.encode())
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A third-party library solving the same problem; `setup` does untimed work (index building)
+    and returns the zero-argument callable to time."""
+    name: str
+    label: Callable[[], str]                                   # name + version, resolved lazily
+    setup: Callable[[Case, dict], Callable[[], Any]]
+    devices: Sequence[str] = ("cpu",)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    cases: Sequence[Case]
+    make_inputs: Callable[[Case, "torch.Generator"], dict]     # noqa: F821 (CPU generator, fixed seed)
+    vitk: Callable[[Case, dict], Call]
+    reference: Callable[[Case, dict], Call]
+    # check(case, inputs, contender, output, cache) -> dict of facts for the JSON; raises
+    # AssertionError when the output is wrong. `cache` lives as long as the case's inputs.
+    check: Callable[[Case, dict, str, Any, dict], dict]
+    peer: Optional[Peer] = None
+
+    def contenders(self, case: Case):
+        return [c for c in CONTENDERS if c != "peer" or self.peer is not None]
+
+    def pytest_function(self):
+        """A parametrized pytest test, one item per (case, contender); assign it to a test_* name."""
+        params = [pytest.param(case, contender, id=f"{case.name}-{contender}")
+                  for case in self.cases for contender in self.contenders(case)]
+        family = self
+
+        @pytest.mark.parametrize("case,contender", params)
+        def test_family(benchmark, bench_session, case, contender):
+            from .runner import run_one
+            run_one(bench_session, benchmark, family, case, contender)
+
+        test_family.__name__ = f"test_{self.name}"
+        return test_family

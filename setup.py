@@ -1,0 +1,150 @@
+"""Build vitkernels: the C++ CPU library always, the CUDA sources when torch has CUDA and nvcc exists.
+
+Environment:
+  VITK_CPU_ARCH   native (default: vectorize for this machine's CPU), portable (x86-64-v2,
+                  runs on any x86-64 from the last decade), or any value gcc's -march accepts.
+  VITK_CUDA_ARCH  e.g. "9.0" or "8.0;9.0"; default: the visible GPU's compute capability.
+  VITK_NO_CUDA=1  skip the CUDA sources even when they could be built.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _torch():
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit(
+            "vitkernels builds against the installed torch and must see it: install torch first "
+            "(`pip install torch==2.13.0` on a CPU machine), then `pip install --no-build-isolation -e .`"
+        )
+    return torch, cpp_extension
+
+
+def _march_flag():
+    arch = os.environ.get("VITK_CPU_ARCH", "native").strip() or "native"
+    if arch == "portable":
+        arch = "x86-64-v2"
+    return arch, [f"-march={arch}"]
+
+
+def _isa_of(march_flags):
+    """The instruction-set extensions a -march choice lets the compiler emit, read off gcc itself."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run(
+            [cxx, *march_flags, "-dM", "-E", "-x", "c++", "-"],
+            input="", capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    wanted = {"__AVX2__": "avx2", "__FMA__": "fma", "__AVX512F__": "avx512f",
+              "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl", "__F16C__": "f16c"}
+    return sorted(v for k, v in wanted.items() if f"#define {k} " in out)
+
+
+def _cuda_archs(torch):
+    env = os.environ.get("VITK_CUDA_ARCH", "").strip()
+    if env:
+        return [a.strip() for a in env.replace(",", ";").split(";") if a.strip()]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return [f"{major}.{minor}"]
+    return []
+
+
+def main():
+    torch, cpp_extension = _torch()
+    arch, march = _march_flag()
+    isa = _isa_of(march)
+
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-fopenmp", *march, "-DVITK_CPU_ARCH=\"" + arch + "\""]
+    sources = sorted(
+        [os.path.join("csrc", "vitk.cpp"), os.path.join("csrc", "bindings.cpp")]
+        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
+
+    why_no_cuda = None
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None)
+    if os.environ.get("VITK_NO_CUDA") == "1":
+        why_no_cuda = "VITK_NO_CUDA=1"
+    elif torch.version.cuda is None:
+        why_no_cuda = f"torch {torch.__version__} is a CPU build"
+    elif not nvcc or not os.path.exists(nvcc):
+        why_no_cuda = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    archs = _cuda_archs(torch) if why_no_cuda is None else []
+    if why_no_cuda is None and not archs:
+        why_no_cuda = "no GPU visible and VITK_CUDA_ARCH not set"
+
+    ext_kwargs = dict(
+        name="vitkernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_link_args=["-fopenmp"],
+    )
+    if why_no_cuda is None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        ext_kwargs["sources"] = sources + sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "kernels", "*.cu")))
+        ext_kwargs["extra_compile_args"] = {
+            "cxx": cxx_flags + ["-DVITK_WITH_CUDA"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DVITK_WITH_CUDA"],
+        }
+        ext = cpp_extension.CUDAExtension(**ext_kwargs)
+    else:
+        ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+        ext = cpp_extension.CppExtension(**ext_kwargs)
+
+    info = {
+        "torch_version": torch.__version__,
+        "cpu_arch": arch,
+        "cpu_isa": isa,
+        "cuda": why_no_cuda is None,
+        "cuda_archs": archs,
+        "why_no_cuda": why_no_cuda,
+    }
+    with open(os.path.join(ROOT, "vitkernels", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time; checked at import.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+    summary = [f"[vitkernels] CPU library: -march={arch} (ISA: {', '.join(isa) or 'baseline'}), OpenMP, -O3"]
+    if why_no_cuda is None:
+        summary.append(f"[vitkernels] CUDA library: sm {', '.join(archs)} with {nvcc}")
+    else:
+        summary.append(f"[vitkernels] CUDA library: not built ({why_no_cuda})")
+    print("\n".join(summary), flush=True)
+    # pip hides a build's output unless run with -v; the Makefile prints this file after installing.
+    os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+    with open(os.path.join(ROOT, "build", "vitk-build-summary.txt"), "w") as f:
+        f.write("\n".join(summary) + "\n")
+
+    setup(
+        name="vitkernels",
+        version="0.1.0",
+        description="Fused kernels for efficient vision transformers, as torch.ops.vitk custom ops",
+        packages=find_packages(include=["vitkernels", "vitkernels.*"]),
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11", "numpy"],
+        extras_require={
+            "triton": ["triton>=3.1"],
+            "test": ["pytest>=8", "pytest-benchmark>=4"],
+            "bench": ["pytest-benchmark>=4", "faiss-cpu>=1.8", "matplotlib>=3.7"],
+        },
+        ext_modules=[ext],
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""vitkernels: fused kernels for efficient vision transformers, as torch.ops.vitk.* custom ops.
+
+    import vitkernels
+    idx, dist = torch.ops.vitk.codebook_argmin(z, codebook)     # or vitkernels.codebook_argmin
+    vitkernels.backends()                                        # what can run here, and why not
+    with vitkernels.use_backend("triton"): ...                   # force a backend (or VITK_BACKEND=...)
+"""
+from ._lib import load as _load
+
+_C, BUILD_INFO = _load()
+
+from . import dispatch as _dispatch  # noqa: E402
+
+_dispatch._set_build_info(BUILD_INFO)
+
+from . import ops, reference  # noqa: E402,F401
+from .dispatch import use_backend  # noqa: E402
+from .ops.codebook import codebook_argmin, codebook_lookup  # noqa: E402
+
+
+def backends(device=None, *, print_table: bool = True):
+    """Per op and backend, why it cannot run on ``device`` (empty list: it can); prints a table."""
+    return _dispatch.backends(device, print_table=print_table)
+
+
+__version__ = "0.1.0"
+__all__ = ["backends", "use_backend", "codebook_argmin", "codebook_lookup", "BUILD_INFO"]

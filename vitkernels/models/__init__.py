@@ -1,0 +1,3 @@
+"""Thin modules from the papers, on vitk ops, keeping the original parameter names."""
+from .codebook import (FactorizedVectorQuantizer, LargeCodebookQuantizer, VectorQuantizer,  # noqa: F401
+                       codebook_usage, disentanglement_loss)

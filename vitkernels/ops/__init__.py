@@ -1,0 +1,2 @@
+"""Python APIs of the op families; importing a family binds its torch.ops.vitk.* kernels."""
+from . import codebook  # noqa: F401
