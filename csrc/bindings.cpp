@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "vitk/codebook.h"
+#include "vitk/window_attention.h"
 
 #ifndef VITK_CPU_ARCH
 #define VITK_CPU_ARCH "unknown"
@@ -40,6 +41,11 @@ PYBIND11_MODULE(_C, m) {
         [](const at::Tensor& g, const at::Tensor& idx, std::vector<int64_t> shape) {
           return vitk::cpu::codebook_lookup_backward(g, idx, shape);
         });
+
+  m.def("window_attention_fwd_cpu", &vitk::cpu::window_attention_fwd);
+  m.def("window_attention_bwd_cpu", &vitk::cpu::window_attention_bwd);
+  m.def("varlen_attention_fwd_cpu", &vitk::cpu::varlen_attention_fwd);
+  m.def("varlen_attention_bwd_cpu", &vitk::cpu::varlen_attention_bwd);
 #ifdef VITK_WITH_CUDA
   m.def("codebook_lookup_cuda", &vitk::cuda::codebook_lookup, py::arg("indices"), py::arg("codebook"));
   m.def("codebook_lookup_backward_cuda",

@@ -16,6 +16,8 @@ _dispatch._set_build_info(BUILD_INFO)
 from . import ops, reference  # noqa: E402,F401
 from .dispatch import use_backend  # noqa: E402
 from .ops.codebook import codebook_argmin, codebook_lookup  # noqa: E402
+from .ops.window_attention import varlen_attention, window_attention  # noqa: E402
+from .convert import convert_  # noqa: E402
 
 
 def backends(device=None, *, print_table: bool = True):
@@ -24,4 +26,5 @@ def backends(device=None, *, print_table: bool = True):
 
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "codebook_argmin", "codebook_lookup", "BUILD_INFO"]
+__all__ = ["backends", "use_backend", "convert_", "codebook_argmin", "codebook_lookup", "window_attention",
+           "varlen_attention", "BUILD_INFO"]

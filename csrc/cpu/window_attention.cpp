@@ -1,0 +1,626 @@
+// CPU kernels of shifted-window attention (Swin): forward and backward on the attention core.
+//
+// One task is one (head, image, window). Its tokens are found by arithmetic on the window grid --
+// padded coordinate (wy*wh + r, wx*ww + c), absent past the image edge, otherwise the image token
+// shifted back by (sh, sw) modulo the image -- and gathered straight from q, k, v through their
+// strides into small fp32 tiles, so the rolled, padded and partitioned copies of the reference
+// never exist and a packed qkv tensor is read in place. A window is one key tile of the core
+// (N <= 256), so its softmax is exact in one pass.
+//
+// The score modifier adds the relative-position bias and the shift/padding mask. Tasks run
+// head-major, so a thread expands its head's bias table into an [N][N] tile once and reuses it for
+// every window it processes (O(tile) per thread, never [heads, N, N]). Only windows in the last
+// window row or column differ in mask (the region test and the padding), so the masks of the four
+// window kinds are built once per call.
+//
+// Backward: the bias gradient is the sum of dLogits over every window and image, gathered back
+// through the relative-position index. Windows are cut into fixed chunks of kBiasChunk per head;
+// each chunk sums its dLogits in an [N][N] fp32 tile, folds it into a table-shaped partial, and the
+// partials are summed in chunk order -- deterministic, and independent of the thread count.
+#include "vitk/window_attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "vitk/attention_core.h"
+#include "vitk/checks.h"
+#include "vitk/tiling.h"
+
+namespace vitk {
+namespace cpu {
+int g_wak_debug = 0;  // DEBUG-TEMP
+namespace {
+
+using attn::Buffer;
+using attn::kNegInf;
+using attn::kPosInf;
+using attn::pad_lanes;
+
+constexpr int64_t kBiasChunk = 8;  // windows per bias-gradient partial
+// The -100 of timm's shifted-window mask (not -inf: a token still sees a little of its
+// neighbours from the other side of the roll).
+constexpr float kShiftMask = -100.f;
+
+// ------------------------------------------------------------------------------ geometry
+
+struct Geometry {
+  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0;
+  int64_t wh = 1, ww = 1, sh = 0, sw = 0;
+  int64_t N = 1, nWh = 0, nWw = 0, nW = 0, Hp = 0, Wp = 0;
+  int64_t TW = 1;                   // 2ww - 1: one row of the bias table
+  bool shifted = false;
+  std::vector<int64_t> ysrc, xsrc;  // padded coordinate -> image coordinate, -1 when absent
+  std::vector<int32_t> pos_r, pos_c;  // in-window position -> (r, c)
+  std::vector<float> extra;         // [4][N][N] mask of each window kind (0, -100, -inf)
+  bool has_extra[4] = {false, false, false, false};
+  // Tasks: (image, window, group of heads), heads innermost. Heads are grouped only when there are
+  // too few windows to feed the threads; the rule depends on shapes alone.
+  int64_t hpg = 1, G = 1, tasks = 0;
+
+  // Kind 0: interior; bit 1: last window column; bit 2: last window row.
+  int kind(int64_t wy, int64_t wx) const { return (wy == nWh - 1 ? 2 : 0) + (wx == nWw - 1 ? 1 : 0); }
+  const float* extra_of(int kd) const { return has_extra[kd] ? extra.data() + kd * N * N : nullptr; }
+};
+
+constexpr int64_t kMinTasks = 32;
+
+// Region of padded coordinate p along one axis: timm's slices (0, -w), (-w, -s), (-s, None) of the
+// padded extent P; one region when the axis is not shifted.
+inline int region(int64_t p, int64_t P, int64_t w, int64_t s) {
+  if (s == 0) return 0;
+  if (p < P - w) return 0;
+  if (p < P - s) return 1;
+  return 2;
+}
+
+Geometry make_geometry(const at::Tensor& q, const at::Tensor& v, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
+  Geometry g;
+  g.B = q.size(0);
+  g.H = q.size(1);
+  g.W = q.size(2);
+  g.nh = q.size(3);
+  g.dqk = q.size(4);
+  g.dv = v.size(4);
+  g.wh = wh;
+  g.ww = ww;
+  g.sh = sh;
+  g.sw = sw;
+  g.N = wh * ww;
+  g.TW = 2 * ww - 1;
+  g.nWh = ceil_div(g.H, wh);
+  g.nWw = ceil_div(g.W, ww);
+  g.nW = g.nWh * g.nWw;
+  g.Hp = g.nWh * wh;
+  g.Wp = g.nWw * ww;
+  g.shifted = sh != 0 || sw != 0;
+  const int64_t windows = g.B * g.nW;
+  if (windows > 0 && g.nh > 0) {
+    const int64_t want_groups = std::min<int64_t>(g.nh, ceil_div(kMinTasks, windows));
+    g.hpg = ceil_div(g.nh, want_groups);
+    g.G = ceil_div(g.nh, g.hpg);
+    g.tasks = windows * g.G;
+  }
+  const int64_t N = g.N;
+  g.ysrc.resize(g.Hp);
+  g.xsrc.resize(g.Wp);
+  for (int64_t y = 0; y < g.Hp; ++y) g.ysrc[y] = y < g.H ? (y + sh) % g.H : -1;
+  for (int64_t x = 0; x < g.Wp; ++x) g.xsrc[x] = x < g.W ? (x + sw) % g.W : -1;
+  g.pos_r.resize(N);
+  g.pos_c.resize(N);
+  for (int64_t i = 0; i < N; ++i) {
+    g.pos_r[i] = static_cast<int32_t>(i / ww);
+    g.pos_c[i] = static_cast<int32_t>(i % ww);
+  }
+  if (g.nW == 0) return g;
+  g.extra.assign(4 * N * N + attn::kLanes, 0.f);  // + padding for the vector tail
+  std::vector<int> reg(N);
+  std::vector<char> valid(N);
+  for (int kd = 0; kd < 4; ++kd) {
+    // Any window of a kind stands for all of them: away from the last row/column every position is
+    // in region 0 and inside the image.
+    const int64_t wy = (kd & 2) ? g.nWh - 1 : 0, wx = (kd & 1) ? g.nWw - 1 : 0;
+    if (g.kind(wy, wx) != kd) continue;  // no window of this kind
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t y = wy * wh + g.pos_r[i], x = wx * ww + g.pos_c[i];
+      valid[i] = y < g.H && x < g.W;
+      reg[i] = 3 * region(y, g.Hp, wh, sh) + region(x, g.Wp, ww, sw);
+    }
+    float* e = g.extra.data() + kd * N * N;
+    bool any = false;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        float val = 0.f;
+        if (!valid[j]) val = kNegInf;
+        else if (g.shifted && reg[i] != reg[j]) val = kShiftMask;
+        e[i * N + j] = val;
+        any = any || val != 0.f;
+      }
+    g.has_extra[kd] = any;
+  }
+  return g;
+}
+
+// The bias table laid out so that the biases of one query against consecutive keys are consecutive
+// floats. For query (ri, ci) and key (rj, cj) the table row is ri - rj + wh - 1 and the column
+// ci - cj + ww - 1; with a = wh - 1 - ri + rj, store E[h][ci][a * ww + cj] = table[(2wh-2-a) * (2ww-1)
+// + (ww-1 + ci - cj)][h]. Then query (ri, ci)'s row of biases against keys j = rj * ww + cj is
+// E[h][ci][(wh-1-ri) * ww + j], a contiguous run of N floats, added with whole vectors. E holds
+// (2wh-1) ww floats per (head, ci) -- the table times ww, never [heads, N, N] -- plus 16 floats of
+// padding for the vector tail.
+struct BiasRows {
+  int64_t LE = 0;  // floats per (head, ci) row, padded
+  std::vector<float> e;
+  const float* head(const Geometry& g, int64_t h) const { return e.data() + h * g.ww * LE; }
+};
+
+inline int64_t bias_row_len(const Geometry& g) { return (2 * g.wh - 1) * g.ww + attn::kLanes; }
+
+BiasRows make_bias_rows(const Geometry& g, const at::Tensor& bias) {
+  const at::Tensor t = bias.to(at::kFloat).contiguous();
+  const float* src = t.data_ptr<float>();
+  const int64_t TH = 2 * g.wh - 1, TW = g.TW, nh = g.nh, ww = g.ww;
+  BiasRows br;
+  br.LE = bias_row_len(g);
+  br.e.assign(nh * ww * br.LE, 0.f);
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t ci = 0; ci < ww; ++ci) {
+      float* row = br.e.data() + (h * ww + ci) * br.LE;
+      for (int64_t a = 0; a < TH; ++a)
+        for (int64_t cj = 0; cj < ww; ++cj) row[a * ww + cj] = src[((TH - 1 - a) * TW + (ww - 1 + ci - cj)) * nh + h];
+    }
+  return br;
+}
+
+struct TaskIndex {
+  int64_t b = 0, wy = 0, wx = 0, h0 = 0, h1 = 0;
+};
+
+// Task t = (b * nW + window) * G + head group.
+TaskIndex decode_task(const Geometry& g, int64_t task) {
+  TaskIndex t;
+  const int64_t grp = task % g.G, bw = task / g.G, w = bw % g.nW;
+  t.b = bw / g.nW;
+  t.wy = w / g.nWw;
+  t.wx = w % g.nWw;
+  t.h0 = grp * g.hpg;
+  t.h1 = std::min(g.nh, t.h0 + g.hpg);
+  return t;
+}
+
+// Element strides of a [B, H, W, heads, d] tensor, and the first element of a token's head row.
+template <typename T>
+struct View5 {
+  const T* base = nullptr;
+  int64_t s[5] = {0, 0, 0, 0, 0};
+  int64_t d = 0;
+  explicit View5(const at::Tensor& t) : base(t.data_ptr<T>()), d(t.size(4)) {
+    for (int i = 0; i < 5; ++i) s[i] = t.stride(i);
+  }
+  const T* row(int64_t b, int64_t y, int64_t x, int64_t h) const {
+    return base + b * s[0] + y * s[1] + x * s[2] + h * s[3];
+  }
+  // Queues the cache lines of heads [h0, h1) of one token: one run when the heads are contiguous.
+  void queue(attn::PrefetchQueue& pq, int64_t b, int64_t y, int64_t x, int64_t h0, int64_t h1) const {
+    if (s[4] == 1 && s[3] == d) {
+      pq.add(row(b, y, x, h0), (h1 - h0) * d * static_cast<int64_t>(sizeof(T)));
+      return;
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      if (s[4] == 1) {
+        pq.add(row(b, y, x, h), d * static_cast<int64_t>(sizeof(T)));
+      } else {
+        for (int64_t e = 0; e < d; ++e) pq.add(row(b, y, x, h) + e * s[4], sizeof(T));
+      }
+    }
+  }
+};
+
+// The image tokens of one window: image (y, x) per in-window position, y = -1 when absent.
+struct WindowTokens {
+  std::vector<int64_t> y, x;
+  explicit WindowTokens(int64_t N) : y(N), x(N) {}
+  void locate(const Geometry& g, int64_t wy, int64_t wx) {
+    const int64_t* ys = g.ysrc.data() + wy * g.wh;
+    const int64_t* xs = g.xsrc.data() + wx * g.ww;
+    for (int64_t i = 0; i < g.N; ++i) {
+      const int64_t yy = ys[g.pos_r[i]], xx = xs[g.pos_c[i]];
+      const bool ok = yy >= 0 && xx >= 0;
+      y[i] = ok ? yy : -1;
+      x[i] = ok ? xx : -1;
+    }
+  }
+  bool present(int64_t i) const { return y[i] >= 0; }
+  // Queues what task t reads from `ins` and writes to the contiguous [B, H, W, heads, width] outputs
+  // (widths in `outw`, in elements of T).
+  template <typename T, size_t NI, size_t NO>
+  void queue(attn::PrefetchQueue& pq, const Geometry& g, const TaskIndex& t, const View5<T>* const (&ins)[NI],
+             T* const (&outs)[NO], const int64_t (&outw)[NO]) const {
+    for (size_t i = 0; i < y.size(); ++i) {
+      if (y[i] < 0) continue;
+      for (const View5<T>* in : ins) in->queue(pq, t.b, y[i], x[i], t.h0, t.h1);
+      const int64_t tok = (t.b * g.H + y[i]) * g.W + x[i];
+      for (size_t o = 0; o < NO; ++o)
+        pq.add(outs[o] + (tok * g.nh + t.h0) * outw[o], (t.h1 - t.h0) * outw[o] * static_cast<int64_t>(sizeof(T)),
+               /*write=*/true);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ modifier
+
+// Adds the relative-position bias (a contiguous run of BiasRows per query) and the window kind's
+// mask. The backward accumulates dLogits into dE, shaped like this head's BiasRows, by the same
+// runs; fold_bias_grad maps dE back onto the table once per chunk of windows.
+struct WindowModifier {
+  static constexpr bool kNeedsRaw = false;
+  const Geometry* g = nullptr;
+  const float* rows = nullptr;   // this head's BiasRows [ww][LE], or null
+  const float* extra = nullptr;  // [N][N] (+16 padding) this window kind's mask, or null
+  float* dacc = nullptr;         // [ww][LE] this head's accumulator, or null
+  int64_t LE = 0;
+
+  const float* bias_run(int64_t qi, int64_t k0) const {
+    return rows + g->pos_c[qi] * LE + (g->wh - 1 - g->pos_r[qi]) * g->ww + k0;
+  }
+
+  void forward(int64_t q0, int64_t m, int64_t k0, int64_t n, float* s, int64_t lds) const {
+    if (rows != nullptr && extra != nullptr) {
+      for (int64_t i = 0; i < m; ++i)
+        attn::simd::add2_padded(s + i * lds, bias_run(q0 + i, k0), extra + (q0 + i) * g->N + k0, n);
+    } else if (rows != nullptr) {
+      for (int64_t i = 0; i < m; ++i) attn::simd::add_padded(s + i * lds, bias_run(q0 + i, k0), n);
+    } else if (extra != nullptr) {
+      for (int64_t i = 0; i < m; ++i) attn::simd::add_padded(s + i * lds, extra + (q0 + i) * g->N + k0, n);
+    }
+  }
+
+  // dLogits of padding lanes are exact zeros (P = 0 there), so whole-vector accumulation is safe.
+  void backward(int64_t q0, int64_t m, int64_t k0, int64_t n, const float*, float* ds, int64_t lds,
+                bool params) const {
+    if (!params || dacc == nullptr) return;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t qi = q0 + i;
+      attn::simd::add_padded(dacc + g->pos_c[qi] * LE + (g->wh - 1 - g->pos_r[qi]) * g->ww + k0, ds + i * lds, n);
+    }
+  }
+};
+
+// part[h][(2wh-2-a) * (2ww-1) + (ww-1 + ci - cj)] += dE[h][ci][a * ww + cj] (see BiasRows).
+void fold_bias_grad(const Geometry& g, const float* dacc, int64_t LE, float* part) {
+  const int64_t TH = 2 * g.wh - 1, ww = g.ww, TW = g.TW, TT = TH * TW;
+  for (int64_t h = 0; h < g.nh; ++h)
+    for (int64_t ci = 0; ci < ww; ++ci) {
+      const float* row = dacc + (h * ww + ci) * LE;
+      float* dst = part + h * TT;
+      for (int64_t a = 0; a < TH; ++a)
+        for (int64_t cj = 0; cj < ww; ++cj) dst[(TH - 1 - a) * TW + (ww - 1 + ci - cj)] += row[a * ww + cj];
+    }
+}
+
+// ------------------------------------------------------------------------------ checks
+
+void check_window_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t wh, int64_t ww,
+                       int64_t sh, int64_t sw, const c10::optional<at::Tensor>& bias) {
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    check_dtype_in(t, name, {at::kFloat, at::kHalf, at::kBFloat16});
+    check_device_type(t, name, c10::DeviceType::CPU);
+    check_dim_in(t, name, 5, 5);
+  }
+  check_same_dtype(q, "q", k, "k");
+  check_same_dtype(q, "q", v, "v");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
+              " + [head_dim_v], got ", v.sizes());
+  check_nonempty_dim(q, "q", 4, "head_dim");
+  check_nonempty_dim(v, "v", 4, "head_dim");
+  TORCH_CHECK(wh >= 1 && ww >= 1, "window_size: expected positive sizes, got (", wh, ", ", ww, ")");
+  TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "shift_size: expected 0 <= shift < window per axis, got (",
+              sh, ", ", sw, ") for window (", wh, ", ", ww, ")");
+  TORCH_CHECK(wh * ww <= 4096, "window_size: windows of at most 4096 tokens are supported, got (", wh, ", ", ww,
+              ")");
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    check_dtype_in(b, "rel_pos_bias", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+    check_same_device(q, "q", b, "rel_pos_bias");
+    const int64_t T = (2 * wh - 1) * (2 * ww - 1);
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == T && b.size(1) == q.size(3),
+                "rel_pos_bias: expected shape [(2*", wh, "-1)*(2*", ww, "-1), heads] = [", T, ", ", q.size(3),
+                "], got ", b.sizes());
+  }
+}
+
+bool has_bias(const c10::optional<at::Tensor>& b) { return b.has_value() && b->defined(); }
+
+// ------------------------------------------------------------------------------ forward
+
+template <typename T>
+void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const BiasRows* bias, float scale, at::Tensor& out, at::Tensor& lse) {
+  const View5<T> qv(q), kv(k), vv(v);
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t N = g.N, dqk = g.dqk, dv = g.dv, nh = g.nh;
+  const int64_t ldq = dqk, ldkt = pad_lanes(N), ldv = pad_lanes(dv);
+  at::parallel_for(0, g.tasks, 1, [&](int64_t begin, int64_t end) {
+    Buffer qb, ktb, vb, ob, lb;
+    attn::Scratch ws;
+    float* qs = qb.grow(N * ldq);
+    float* kts = ktb.grow(dqk * ldkt);
+    float* vs = vb.grow(N * ldv);
+    float* os = ob.grow(N * ldv);
+    float* ls = lb.grow(N);
+    WindowTokens tok(N), next(N);
+    attn::PrefetchQueue pq;
+    const View5<T>* const ins[3] = {&qv, &kv, &vv};
+    T* const outs[1] = {op};
+    const int64_t outw[1] = {dv};
+    TaskIndex ti = decode_task(g, begin);
+    tok.locate(g, ti.wy, ti.wx);
+    for (int64_t task = begin; task < end; ++task) {
+      const TaskIndex cur = ti;
+      pq.clear();
+      if (task + 1 < end) {
+        ti = decode_task(g, task + 1);
+        next.locate(g, ti.wy, ti.wx);
+        if (!(g_wak_debug & 2)) next.queue(pq, g, ti, ins, outs, outw);
+      }
+      pq.plan((cur.h1 - cur.h0) * N);
+      const int64_t b = cur.b;
+      WindowModifier mod;
+      mod.g = &g;
+      mod.extra = g.extra_of(g.kind(cur.wy, cur.wx));
+      for (int64_t h = cur.h0; h < cur.h1; ++h) {
+        auto rows_of = [&](const View5<T>& t) {
+          return [&, t](int64_t i) -> const T* { return tok.present(i) ? t.row(b, tok.y[i], tok.x[i], h) : nullptr; };
+        };
+        attn::pack_rows<T>(N, dqk, qv.s[4], rows_of(qv), scale, qs, ldq);
+        attn::pack_cols<T>(N, dqk, kv.s[4], rows_of(kv), kts, ldkt);
+        attn::pack_rows<T>(N, dv, vv.s[4], rows_of(vv), 1.f, vs, ldv);
+
+        attn::FwdProblem p;
+        p.M = N;
+        p.N = N;
+        p.dqk = dqk;
+        p.dv = dv;
+        p.q = qs;
+        p.ldq = ldq;
+        p.kt = kts;
+        p.ldkt = ldkt;
+        p.v = vs;
+        p.ldv = ldv;
+        p.o = os;
+        p.ldo = ldv;
+        p.lse = ls;
+        p.prefetch = &pq;
+        mod.rows = bias != nullptr ? bias->head(g, h) : nullptr;
+        mod.LE = bias != nullptr ? bias->LE : 0;
+        if (!(g_wak_debug & 1)) attn::attention_forward(p, mod, ws, Range{0, N});
+
+        for (int64_t i = 0; i < N; ++i) {
+          if (!tok.present(i)) continue;
+          const int64_t t = (b * g.H + tok.y[i]) * g.W + tok.x[i];
+          T* dst = op + (t * nh + h) * dv;
+          const float* src = os + i * ldv;
+          for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<T>(src[d]);
+          lp[t * nh + h] = ls[i];
+        }
+      }
+      pq.drain();
+      std::swap(tok, next);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ backward
+
+// Chunks of consecutive tasks, each with its own bias-gradient partial; the count depends on shapes
+// only, so the summation order (and the result) does not depend on the thread count.
+int64_t bias_chunk(const Geometry& g) { return std::max<int64_t>(8, ceil_div(g.tasks, 1024)); }
+
+template <typename T>
+void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const BiasRows* bias,
+                     bool want_dbias, float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv_t,
+                     std::vector<float>& partials) {
+  const View5<T> qv(q), kv(k), vv(v), gv(go), ov(out);
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1), ls2 = lse.stride(2), ls3 = lse.stride(3);
+  const float* lp = lse.data_ptr<float>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv_t.data_ptr<T>();
+  const int64_t N = g.N, dqk = g.dqk, dv = g.dv, nh = g.nh;
+  const int64_t ldq = pad_lanes(dqk), ldkt = pad_lanes(N), ldv = pad_lanes(dv);
+  const int64_t TT = (2 * g.wh - 1) * g.TW, LE = bias_row_len(g), AB = g.ww * LE;  // AB: accumulator per head
+  const int64_t chunk = bias_chunk(g), chunks = ceil_div(g.tasks, chunk);
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    Buffer qb, kb, ktb, vtb, dob, oub, lb, drb, dqb, dkb, dvb, dab;
+    attn::Scratch ws;
+    float* qs = qb.grow(N * ldq);
+    float* ks = kb.grow(N * ldq);
+    float* kts = ktb.grow(dqk * ldkt);
+    float* vts = vtb.grow(dv * ldkt);
+    float* dos = dob.grow(N * ldv);
+    float* os = oub.grow(N * ldv);
+    float* ls = lb.grow(N);
+    float* drow = drb.grow(N);
+    float* dqs = dqb.grow(N * ldq);
+    float* dks = dkb.grow(N * ldq);
+    float* dvs = dvb.grow(N * ldv);
+    float* dacc = want_dbias ? dab.grow(nh * AB) : nullptr;
+    WindowTokens tok(N), next(N);
+    attn::PrefetchQueue pq;
+    const View5<T>* const ins[5] = {&qv, &kv, &vv, &gv, &ov};
+    T* const outs[3] = {dqp, dkp, dvp};
+    const int64_t outw[3] = {dqk, dqk, dv};
+    const int64_t tbegin = cbegin * chunk, tend = std::min(g.tasks, cend * chunk);
+    TaskIndex ti = decode_task(g, tbegin);
+    tok.locate(g, ti.wy, ti.wx);
+    for (int64_t task = tbegin; task < tend; ++task) {
+      if (dacc != nullptr && task % chunk == 0) std::fill(dacc, dacc + nh * AB, 0.f);
+      const TaskIndex cur = ti;
+      pq.clear();
+      if (task + 1 < tend) {
+        ti = decode_task(g, task + 1);
+        next.locate(g, ti.wy, ti.wx);
+        if (!(g_wak_debug & 2)) next.queue(pq, g, ti, ins, outs, outw);
+      }
+      pq.plan((g_wak_debug & 8) ? (cur.h1 - cur.h0) * N / 2 : (g_wak_debug & 16) ? (cur.h1 - cur.h0) * N / 4 : (cur.h1 - cur.h0) * N);
+      const int64_t b = cur.b;
+      WindowModifier mod;
+      mod.g = &g;
+      mod.extra = g.extra_of(g.kind(cur.wy, cur.wx));
+      for (int64_t h = cur.h0; h < cur.h1; ++h) {
+        auto rows_of = [&](const View5<T>& t) {
+          return [&, t](int64_t i) -> const T* { return tok.present(i) ? t.row(b, tok.y[i], tok.x[i], h) : nullptr; };
+        };
+        attn::pack_rows<T>(N, dqk, qv.s[4], rows_of(qv), scale, qs, ldq);
+        attn::pack_rows<T>(N, dqk, kv.s[4], rows_of(kv), 1.f, ks, ldq);
+        attn::pack_cols<T>(N, dqk, kv.s[4], rows_of(kv), kts, ldkt);
+        attn::pack_cols<T>(N, dv, vv.s[4], rows_of(vv), vts, ldkt);
+        attn::pack_rows<T>(N, dv, gv.s[4], rows_of(gv), 1.f, dos, ldv);
+        attn::pack_rows<T>(N, dv, ov.s[4], rows_of(ov), 1.f, os, ldv);
+        for (int64_t i = 0; i < N; ++i) {
+          if (!tok.present(i)) {
+            ls[i] = kPosInf;  // P = 0: an absent query contributes nothing
+            drow[i] = 0.f;
+            continue;
+          }
+          ls[i] = lp[b * ls0 + tok.y[i] * ls1 + tok.x[i] * ls2 + h * ls3];
+          drow[i] = attn::simd::row_dot(dos + i * ldv, os + i * ldv, dv);
+        }
+        std::fill(dqs, dqs + N * ldq, 0.f);
+        std::fill(dks, dks + N * ldq, 0.f);
+        std::fill(dvs, dvs + N * ldv, 0.f);
+
+        attn::BwdProblem p;
+        p.M = N;
+        p.N = N;
+        p.dqk = dqk;
+        p.dv = dv;
+        p.q = qs;
+        p.k = ks;
+        p.ldq = ldq;
+        p.kt = kts;
+        p.vt = vts;
+        p.ldkt = ldkt;
+        p.dout = dos;
+        p.ldv = ldv;
+        p.lse = ls;
+        p.drow = drow;
+        p.dq = dqs;
+        p.dk = dks;
+        p.dvv = dvs;
+        p.prefetch = &pq;
+        mod.rows = bias != nullptr ? bias->head(g, h) : nullptr;
+        mod.LE = LE;
+        mod.dacc = dacc != nullptr ? dacc + h * AB : nullptr;
+        if (!(g_wak_debug & 1)) attn::attention_backward(p, mod, ws, Range{0, N}, Range{0, N}, attn::kAll);
+
+        for (int64_t i = 0; i < N; ++i) {
+          if (!tok.present(i)) continue;
+          const int64_t t = (b * g.H + tok.y[i]) * g.W + tok.x[i];
+          T* dqd = dqp + (t * nh + h) * dqk;
+          T* dkd = dkp + (t * nh + h) * dqk;
+          T* dvd = dvp + (t * nh + h) * dv;
+          const float* sq = dqs + i * ldq;
+          const float* sk = dks + i * ldq;
+          const float* sv = dvs + i * ldv;
+          for (int64_t d = 0; d < dqk; ++d) {
+            dqd[d] = static_cast<T>(sq[d] * scale);
+            dkd[d] = static_cast<T>(sk[d]);
+          }
+          for (int64_t d = 0; d < dv; ++d) dvd[d] = static_cast<T>(sv[d]);
+        }
+      }
+      pq.drain();
+      std::swap(tok, next);
+      if (dacc != nullptr && (task % chunk == chunk - 1 || task + 1 == g.tasks))
+        fold_bias_grad(g, dacc, LE, partials.data() + (task / chunk) * nh * TT);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+                                                        const c10::optional<at::Tensor>& rel_pos_bias, double scale) {
+  check_window_args(q, k, v, wh, ww, sh, sw, rel_pos_bias);
+  std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
+  oshape[4] = v.size(4);
+  at::Tensor out = at::empty(oshape, q.options());
+  at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const Geometry g = make_geometry(q, v, wh, ww, sh, sw);
+  BiasRows rows;
+  if (has_bias(rel_pos_bias)) rows = make_bias_rows(g, *rel_pos_bias);
+  const BiasRows* bp = has_bias(rel_pos_bias) ? &rows : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_fwd", [&] {
+    window_fwd_impl<scalar_t>(g, q, k, v, bp, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+    const c10::optional<at::Tensor>& rel_pos_bias, double scale, bool bias_grad) {
+  check_window_args(q, k, v, wh, ww, sh, sw, rel_pos_bias);
+  std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
+  oshape[4] = v.size(4);
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    check_defined(t, name);
+    check_same_device(q, "q", t, name);
+    check_same_dtype(q, "q", t, name);
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(oshape), name, ": expected shape ", at::IntArrayRef(oshape), ", got ",
+                t.sizes());
+  }
+  check_dtype_in(lse, "lse", {at::kFloat});
+  check_same_device(q, "q", lse, "lse");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "lse: expected shape ", q.sizes().slice(0, 4), ", got ",
+              lse.sizes());
+
+  const bool with_bias = has_bias(rel_pos_bias);
+  const bool want_dbias = with_bias && bias_grad;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), q.options());
+  at::Tensor dv = at::empty(oshape, q.options());
+  at::Tensor dbias = want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options())
+                                : at::empty({0}, q.options());
+  if (q.numel() == 0) return {dq, dk, dv, dbias};
+  const Geometry g = make_geometry(q, v, wh, ww, sh, sw);
+  BiasRows rows;
+  if (with_bias) rows = make_bias_rows(g, *rel_pos_bias);
+  const BiasRows* bp = with_bias ? &rows : nullptr;
+  const int64_t TT = (2 * wh - 1) * (2 * ww - 1);
+  const int64_t chunks = ceil_div(g.tasks, bias_chunk(g));
+  std::vector<float> partials(want_dbias ? chunks * g.nh * TT : 0, 0.f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_bwd", [&] {
+    window_bwd_impl<scalar_t>(g, grad_out, q, k, v, out, lse, bp, want_dbias, static_cast<float>(scale), dq, dk, dv,
+                              partials);
+  });
+  if (want_dbias) {
+    // Partials in chunk order: a fixed summation order whatever the thread count.
+    std::vector<float> acc(TT * g.nh, 0.f);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t h = 0; h < g.nh; ++h) {
+        const float* part = partials.data() + (c * g.nh + h) * TT;
+        for (int64_t t = 0; t < TT; ++t) acc[t * g.nh + h] += part[t];
+      }
+    dbias.copy_(at::from_blob(acc.data(), {TT, g.nh}, at::TensorOptions().dtype(at::kFloat)));
+  }
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace cpu
+}  // namespace vitk

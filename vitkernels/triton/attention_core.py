@@ -1,0 +1,590 @@
+"""The shared Triton attention core: one online-softmax loop, many score modifiers.
+
+Every attention family of the package (shifted windows, packed variable-length segments, and later
+polyline, decay, Gaussian-mixture and strip/reduced attention) is the same algorithm: a program owns
+BLOCK_M queries of one (group, head), where a group is a window or a segment, sweeps the group's keys
+BLOCK_N at a time with a running max and sum in fp32 (flash attention), and adds to every score a
+term that the family computes on the fly. Only the log-sum-exp is saved for the backward pass,
+never the probability matrix. Families differ in two places, each a small @triton.jit helper that
+dispatches on the `KIND` constexpr (so a launch compiles only its own branch):
+
+    _group_extent  where the group's tokens are and how many queries / keys it has
+    _tokens        the coordinates (i0, i1, i2) of token t of a group, and whether it is present;
+                   tensors are addressed as i0*s0 + i1*s1 + i2*s2 + head*s_head + d*s_dim, so any
+                   strided view (a slice of a packed qkv tensor) is read in place, never copied
+    _score_mod     adds the kind's term for (query i, key j) to a tile of scores; scores are kept in
+                   log2 units, so a natural-log term is scaled by log2(e) on the way in
+
+Kinds today:
+    WINDOW   a group is one window of one image; i0, i1, i2 = (batch, row, column) of the image;
+             the modifier is the relative-position bias gathered from the [(2wh-1)(2ww-1), heads]
+             table plus timm's -100 shifted-window region mask; padded positions are absent.
+    VARLEN   a group is one segment [cu_seqlens[s], cu_seqlens[s+1]) of packed tokens; i2 is the
+             packed row; no modifier, keys outside the segment are absent.
+A new kind adds a branch to the three helpers (and, if it needs them, arguments to the kernels,
+which the other kinds pass as 0 or a dummy tensor). Head dims need not be powers of two and the
+query/key dim may differ from the value dim: both are padded to powers of two >= 16 (tl.dot's
+minimum) with masked loads, so a key dim of 1 works too.
+
+Numerics: scores live in the log2 domain (scale * log2(e) folded into one multiply, exp2 on the
+hardware's native unit); the saved lse is the natural log, fp32. fp16/bf16 inputs go to the tensor
+cores with fp32 accumulation, P cast to the value dtype as in flash attention. fp32 inputs use
+tl.dot(input_precision="ieee"), exact fp32 products on the FMA units: several times slower than the
+tensor cores on Hopper, but it matches the reference to ~1e-6, which is what the tests hold fp32 to.
+FP32_EXACT = False below switches fp32 to TF32 tensor-core dots (errors ~1e-3, tests must loosen).
+
+Backward: the standard two-kernel scheme, deterministic for dq, dk, dv:
+    _attn_bwd_preprocess  Drow = rowsum(dO * O), per query, fp32, in the lse layout
+    _attn_bwd_dkdv        a program owns BLOCK_N keys and loops over the group's query blocks,
+                          recomputing P = exp(S - lse), accumulating dV = P^T dO and dK = dS^T Q
+    _attn_bwd_dq          a program owns BLOCK_M queries and loops over key blocks, accumulating
+                          dQ = dS K; with BIAS_GRAD (WINDOW) it also atomically adds dS into an fp32
+                          [replicas, heads, N, N] buffer that the launcher reduces to the table.
+Recomputing S in both kernels costs one extra QK^T against an atomic dQ; for window groups (N <=
+~256 tokens) that is cheap, and the results do not depend on scheduling.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Modifier kinds. Plain ints for the launchers, constexpr twins for the kernels.
+WINDOW = 1
+VARLEN = 2
+_WINDOW = tl.constexpr(WINDOW)
+_VARLEN = tl.constexpr(VARLEN)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# timm's shifted-window mask value. Not -inf: pairs across regions keep a relative weight of ~e^-100,
+# exactly as in timm (and the reference), and no row can be left with nothing to normalize.
+_REGION_MASK = tl.constexpr(-100.0)
+
+
+# ------------------------------------------------------------------------ per-kind helpers
+@triton.jit
+def _group_extent(KIND: tl.constexpr, g, SEQ, WH: tl.constexpr, WW: tl.constexpr):
+    """(first packed row, number of queries, number of keys) of group g."""
+    if KIND == _VARLEN:
+        start = tl.load(SEQ + g)
+        n = tl.load(SEQ + g + 1) - start
+        start64 = start.to(tl.int64)
+        n_q = n
+        n_k = n
+    else:
+        # WINDOW: tokens are found from window coordinates, the group starts nowhere in particular.
+        start64 = tl.zeros([], dtype=tl.int64)
+        n_q = WH * WW
+        n_k = WH * WW
+    return start64, n_q, n_k
+
+
+@triton.jit
+def _window_coords(g, t, NWX, NW, WH: tl.constexpr, WW: tl.constexpr):
+    """(batch, y', x') of in-window position t of window group g, on the padded (unshifted) grid."""
+    b = g // NW
+    w = g - b * NW
+    wy = w // NWX
+    wx = w - wy * NWX
+    yp = wy * WH + t // WW
+    xp = wx * WW + t % WW
+    return b, yp, xp
+
+
+@triton.jit
+def _tokens(KIND: tl.constexpr, g, t, n, start, H, W, SH, SW, NWX, NW,
+            WH: tl.constexpr, WW: tl.constexpr):
+    """Coordinates (i0, i1, i2) and presence of the tokens at positions t (a vector) of group g."""
+    if KIND == _VARLEN:
+        present = t < n
+        i0 = t * 0
+        i1 = t * 0
+        i2 = start + t
+    else:
+        b, yp, xp = _window_coords(g, t, NWX, NW, WH, WW)
+        # Positions past the image on the padded grid are absent: no key weight, no output.
+        present = (t < WH * WW) & (yp < H) & (xp < W)
+        i0 = t * 0 + b
+        # The cyclic shift is folded into the addressing: window row y' reads image row y' + sh.
+        i1 = (yp + SH) % H
+        i2 = (xp + SW) % W
+    return i0, i1, i2, present
+
+
+@triton.jit
+def _offsets(i0, i1, i2, s0, s1, s2):
+    return i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+
+
+@triton.jit
+def _window_region(p, T1, T2):
+    # timm's three slices per axis: [0, Hp-wh), [Hp-wh, Hp-sh), [Hp-sh, Hp). With no shift along the
+    # axis the launcher passes T1 = T2 = Hp, which makes the whole axis region 0.
+    return (p >= T1).to(tl.int32) + (p >= T2).to(tl.int32)
+
+
+@triton.jit
+def _window_score_mod(s, qi, kj, g, head, BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2,
+                      HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+                      WH: tl.constexpr, WW: tl.constexpr):
+    """s (log2 units) + relative-position bias + region mask, for in-window positions qi, kj.
+
+    qi and kj are broadcastable index tensors ([M, 1] and [1, N], or transposed), so one helper
+    serves the forward ([queries, keys] tiles) and the dK/dV kernel ([keys, queries] tiles).
+    """
+    N: tl.constexpr = WH * WW
+    if HAS_BIAS:
+        # The table row is separable, (ri - rj + wh-1)(2ww-1) + (ci - cj + ww-1) = a_i - b_j, so the
+        # index arithmetic stays on the [M, 1] and [1, N] operands and the full tile pays one
+        # subtraction. Positions past N (tile padding) are clamped into the window instead of
+        # masked: their scores are discarded anyway, and the load needs no 2-D mask.
+        qc = tl.minimum(qi, N - 1)
+        kc = tl.minimum(kj, N - 1)
+        a = (qc // WW) * (2 * WW - 1) + qc % WW + ((WH - 1) * (2 * WW - 1) + (WW - 1))
+        b = (kc // WW) * (2 * WW - 1) + kc % WW
+        # int32 offsets (the table is tiny): the compiler hoists the loop-invariant broadcast of
+        # the query half out of the key loop and keeps it live in registers; 32-bit lanes rather
+        # than 64-bit pointers halve that cost (ptxas: 92 bytes of spills gone for 12x12 windows).
+        bias = tl.load(BIAS + head * s_bias_h + (a * s_bias_r - b * s_bias_r))
+        s = s + bias.to(tl.float32) * _LOG2E
+    if SHIFTED:
+        _, yq, xq = _window_coords(g, qi, NWX, NW, WH, WW)
+        _, yk, xk = _window_coords(g, kj, NWX, NW, WH, WW)
+        rq = _window_region(yq, TY1, TY2) * 3 + _window_region(xq, TX1, TX2)
+        rk = _window_region(yk, TY1, TY2) * 3 + _window_region(xk, TX1, TX2)
+        s = s + tl.where(rq != rk, _REGION_MASK * _LOG2E, 0.0)
+    return s
+
+
+@triton.jit
+def _score_mod(KIND: tl.constexpr, s, qi, kj, g, head,
+               BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2,
+               HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
+    if KIND == _WINDOW:
+        s = _window_score_mod(s, qi, kj, g, head, BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2,
+                              HAS_BIAS, SHIFTED, WH, WW)
+    return s
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, fp32 accumulation.
+
+    IEEE: exact fp32 products for fp32 inputs (TF32 would cost ~1e-3 relative). UPCAST: fp32 math
+    for bf16 inputs, set only under TRITON_INTERPRET=1, whose numpy-backed tl.dot has no bfloat16.
+    """
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _program_ids(HEADS, BLOCKS):
+    # One flat grid axis, heads fastest: axis 0 allows 2^31-1 programs where axes 1 and 2 stop at
+    # 65535 (a large image has that many windows), and neighbouring programs then read the other
+    # heads of the same tokens, which sit next to each other in a packed qkv tensor.
+    pid = tl.program_id(0)
+    head = pid % HEADS
+    rest = pid // HEADS
+    blk = rest % BLOCKS
+    g = rest // BLOCKS
+    return g, blk, head
+
+
+# ------------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,
+    s_q0, s_q1, s_q2, s_qh, s_qd,
+    s_k0, s_k1, s_k2, s_kh, s_kd,
+    s_v0, s_v1, s_v2, s_vh, s_vd,
+    s_o0, s_o1, s_o2, s_oh, s_od,
+    s_l0, s_l1, s_l2, s_lh,
+    SEQ,                                    # VARLEN: int32 cu_seqlens
+    BIAS, s_bias_r, s_bias_h,               # WINDOW: relative-position table (dummy without one)
+    H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,   # WINDOW geometry
+    HEADS, M_BLOCKS, DQK, DV, qk_scale,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    g, mb, head = _program_ids(HEADS, M_BLOCKS)
+    start, n_q, n_k = _group_extent(KIND, g, SEQ, WH, WW)
+    if mb * BLOCK_M >= n_q:
+        return
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
+    dk = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk[None, :] * s_qd,
+                mask=q_in[:, None] & (dk < DQK)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(0, n_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
+        kT = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[None, :] + head * s_kh + dk[:, None] * s_kd,
+                     mask=k_in[None, :] & (dk < DQK)[:, None], other=0.0)
+        v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv[None, :] * s_vd,
+                    mask=k_in[:, None] & (dv < DV)[None, :], other=0.0)
+        s = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+        s = _score_mod(KIND, s, offs_m[:, None], offs_n[None, :], g, head,
+                       BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW)
+        s = tl.where(k_in[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no present key so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0
+        # rather than NaN (future masks can empty whole tiles of a row).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    tl.store(O + _offsets(qa, qb, qc, s_o0, s_o1, s_o2)[:, None] + head * s_oh + dv[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=q_in[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + _offsets(qa, qb, qc, s_l0, s_l1, s_l2) + head * s_lh, lse, mask=q_in)
+
+
+# ------------------------------------------------------------------------------ backward
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    s_o0, s_o1, s_o2, s_oh, s_od,
+    s_g0, s_g1, s_g2, s_gh, s_gd,
+    s_l0, s_l1, s_l2, s_lh,
+    SEQ, H, W, SH, SW, NWX, NW,
+    HEADS, M_BLOCKS, DV,
+    KIND: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Drow = rowsum(dO * O) per (query, head), written in the lse layout."""
+    g, mb, head = _program_ids(HEADS, M_BLOCKS)
+    start, n_q, n_k = _group_extent(KIND, g, SEQ, WH, WW)
+    if mb * BLOCK_M >= n_q:
+        return
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
+    dv = tl.arange(0, BLOCK_DV)
+    m = q_in[:, None] & (dv < DV)[None, :]
+    o = tl.load(O + _offsets(qa, qb, qc, s_o0, s_o1, s_o2)[:, None] + head * s_oh + dv[None, :] * s_od,
+                mask=m, other=0.0)
+    do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv[None, :] * s_gd,
+                 mask=m, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + _offsets(qa, qb, qc, s_l0, s_l1, s_l2) + head * s_lh, delta, mask=q_in)
+
+
+@triton.jit
+def _load_lse2(LSE, offs, head, s_lh, present):
+    # Scores are in log2 units; an absent query (or a row with no keys, lse = -inf) gets +inf so
+    # that its recomputed P is exactly 0.
+    lse = tl.load(LSE + offs + head * s_lh, mask=present, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DVo,
+    s_q0, s_q1, s_q2, s_qh, s_qd,
+    s_k0, s_k1, s_k2, s_kh, s_kd,
+    s_v0, s_v1, s_v2, s_vh, s_vd,
+    s_g0, s_g1, s_g2, s_gh, s_gd,
+    s_l0, s_l1, s_l2, s_lh,
+    s_dk0, s_dk1, s_dk2, s_dkh, s_dkd,
+    s_dv0, s_dv1, s_dv2, s_dvh, s_dvd,
+    SEQ,
+    BIAS, s_bias_r, s_bias_h,
+    H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,
+    HEADS, N_BLOCKS, DQK, DV, qk_scale, sm_scale,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys; tiles are [keys, queries] so no P^T or dS^T is ever formed."""
+    g, nb, head = _program_ids(HEADS, N_BLOCKS)
+    start, n_q, n_k = _group_extent(KIND, g, SEQ, WH, WW)
+    if nb * BLOCK_N >= n_k:
+        return
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
+    dk_ = tl.arange(0, BLOCK_DQK)
+    dv_ = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[:, None] + head * s_kh + dk_[None, :] * s_kd,
+                mask=k_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
+    v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv_[None, :] * s_vd,
+                mask=k_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+
+    acc_k = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for m0 in range(0, n_q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
+        q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk_[None, :] * s_qd,
+                    mask=q_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
+        do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv_[None, :] * s_gd,
+                     mask=q_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+        l_off = _offsets(qa, qb, qc, s_l0, s_l1, s_l2)
+        lse2 = _load_lse2(LSE, l_off, head, s_lh, q_in)
+        delta = tl.load(DELTA + l_off + head * s_lh, mask=q_in, other=0.0)
+
+        sT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+        sT = _score_mod(KIND, sT, offs_m[None, :], offs_n[:, None], g, head,
+                        BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW)
+        sT = tl.where(k_in[:, None], sT, float("-inf"))
+        pT = tl.exp2(sT - lse2[None, :])
+        acc_v = _dot(pT.to(do.dtype), do, acc_v, IEEE, UPCAST)
+        dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        acc_k = _dot(dsT.to(q.dtype), q, acc_k, IEEE, UPCAST)
+
+    acc_k = acc_k * sm_scale
+    tl.store(DK + _offsets(ka, kb, kc, s_dk0, s_dk1, s_dk2)[:, None] + head * s_dkh + dk_[None, :] * s_dkd,
+             acc_k.to(DK.dtype.element_ty), mask=k_in[:, None] & (dk_ < DQK)[None, :])
+    tl.store(DVo + _offsets(ka, kb, kc, s_dv0, s_dv1, s_dv2)[:, None] + head * s_dvh + dv_[None, :] * s_dvd,
+             acc_v.to(DVo.dtype.element_ty), mask=k_in[:, None] & (dv_ < DV)[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, DB,
+    s_q0, s_q1, s_q2, s_qh, s_qd,
+    s_k0, s_k1, s_k2, s_kh, s_kd,
+    s_v0, s_v1, s_v2, s_vh, s_vd,
+    s_g0, s_g1, s_g2, s_gh, s_gd,
+    s_l0, s_l1, s_l2, s_lh,
+    s_dq0, s_dq1, s_dq2, s_dqh, s_dqd,
+    SEQ,
+    BIAS, s_bias_r, s_bias_h,
+    H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,
+    HEADS, M_BLOCKS, DQK, DV, qk_scale, sm_scale, REPLICAS,
+    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    WH: tl.constexpr, WW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dQ of BLOCK_M queries; with BIAS_GRAD also dS into DB [REPLICAS, HEADS, N, N] (fp32).
+
+    dS is the gradient of the score itself, hence of any additive bias on it. Window g adds into
+    replica g % REPLICAS, so the many windows that run at once share each address REPLICAS times
+    less often; the launcher sums the replicas.
+    """
+    g, mb, head = _program_ids(HEADS, M_BLOCKS)
+    start, n_q, n_k = _group_extent(KIND, g, SEQ, WH, WW)
+    if mb * BLOCK_M >= n_q:
+        return
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
+    dk_ = tl.arange(0, BLOCK_DQK)
+    dv_ = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk_[None, :] * s_qd,
+                mask=q_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
+    do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv_[None, :] * s_gd,
+                 mask=q_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+    l_off = _offsets(qa, qb, qc, s_l0, s_l1, s_l2)
+    lse2 = _load_lse2(LSE, l_off, head, s_lh, q_in)
+    delta = tl.load(DELTA + l_off + head * s_lh, mask=q_in, other=0.0)
+    if BIAS_GRAD:
+        NN: tl.constexpr = WH * WW
+        db_base = DB + ((g % REPLICAS).to(tl.int64) * HEADS + head) * (NN * NN)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    for n0 in range(0, n_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
+        k = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[:, None] + head * s_kh + dk_[None, :] * s_kd,
+                    mask=k_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
+        v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv_[None, :] * s_vd,
+                    mask=k_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
+        s = _score_mod(KIND, s, offs_m[:, None], offs_n[None, :], g, head,
+                       BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW)
+        s = tl.where(k_in[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
+        acc = _dot(ds.to(k.dtype), k, acc, IEEE, UPCAST)
+        if BIAS_GRAD:
+            # Absent pairs have dS = 0 exactly; skipping them saves the atomics, not correctness.
+            # Relaxed: only the sums matter, nothing is ordered against them within the launch.
+            tl.atomic_add(db_base + offs_m[:, None] * NN + offs_n[None, :], ds,
+                          mask=q_in[:, None] & k_in[None, :], sem="relaxed")
+
+    acc = acc * sm_scale
+    tl.store(DQ + _offsets(qa, qb, qc, s_dq0, s_dq1, s_dq2)[:, None] + head * s_dqh + dk_[None, :] * s_dqd,
+             acc.to(DQ.dtype.element_ty), mask=q_in[:, None] & (dk_ < DQK)[None, :])
+
+
+# ------------------------------------------------------------------------------ host side
+IS_INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
+
+
+@functools.lru_cache(maxsize=None)
+def launcher(kernel):
+    """kernel launched through torch.library.wrap_triton, so torch.compile can trace the launch.
+
+    Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction, which torch >= 2.12's
+    wrap_triton hands back as is and older versions reject; then launch the kernel directly.
+    """
+    try:
+        return torch.library.wrap_triton(kernel)
+    except RuntimeError:
+        return kernel
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def device_ctx(t: torch.Tensor):
+    # Triton launches on the current device; make it the tensors' device.
+    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
+
+
+def head_block(d: int) -> int:
+    """Padded head dim: a power of two and at least 16, tl.dot's smallest operand size."""
+    return max(16, 1 << max(0, int(d) - 1).bit_length())
+
+
+# fp32 attention: exact IEEE products (True) or TF32 tensor cores (False). See the module docstring.
+FP32_EXACT = True
+
+
+def dot_flags(dtype: torch.dtype):
+    """(IEEE, UPCAST) for the kernels' _dot: exact fp32, and the interpreter's bf16 workaround."""
+    return dtype == torch.float32 and FP32_EXACT, IS_INTERPRETED and dtype == torch.bfloat16
+
+
+def tile_config(n_keys: int, block_dqk: int, block_dv: int, dtype: torch.dtype, backward: bool = False,
+                tall: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the group size, head dims and dtype.
+
+    A heuristic, not autotuned: no GPU was at hand to time candidates, so the choices were checked
+    against ptxas's sm_90 register and spill counts instead. Windows hold 49..256 tokens, so a
+    group is a handful of tiles and a launch is many small programs; 64-wide tiles waste least on
+    a 7x7 window (49 of 64 rows). Once the key loop runs more than once, the bias gather's
+    loop-invariant half stays live across it, and 8 warps keep that from spilling. fp32 runs
+    tl.dot's exact FMA path (IEEE), which keeps operands in registers: 64-wide tiles spill there,
+    32 x 32 with 8 warps does not for head dims to 128. tall: 128-query tiles for long groups in
+    the 16-bit forward, as flash attention uses (only for kinds without a per-element modifier).
+    """
+    wide = max(block_dqk, block_dv)
+    pow2 = max(16, 1 << max(0, int(n_keys) - 1).bit_length())
+    if dtype == torch.float32:
+        block = min(pow2, 32)
+        # Backward with 128-wide heads: dK, dV accumulators and K, V tiles all in registers.
+        return block, (16 if backward and wide >= 128 else block), 8, 2
+    block_m = block_n = min(pow2, 64)
+    if backward and wide >= 128:
+        # dK and dV (or dQ) accumulators plus resident K, V: halve the key tile.
+        block_n = min(block_n, 32)
+    if tall and not backward and n_keys >= 256:
+        block_m = 128
+    warps = 8 if (wide >= 128 or block_m >= 128 or n_keys > block_n) else 4
+    return block_m, block_n, warps, 2
+
+
+# ---------------------------------------------------------------------- generic launches
+# Kernel arguments that belong to one kind or another. A family passes the ones its kind reads in
+# `modifier`; the rest take these neutral values (tensor slots get a dummy pointer: q).
+_MODIFIER_DEFAULTS = dict(H=1, W=1, SH=0, SW=0, NWX=1, NW=1, TY1=0, TY2=0, TX1=0, TX2=0,
+                          s_bias_r=0, s_bias_h=0, HAS_BIAS=False, SHIFTED=False, WH=1, WW=1)
+_MODIFIER_TENSORS = ("SEQ", "BIAS")
+# What _tokens and _group_extent read: all the preprocess kernel needs.
+_TOKEN_ARGS = ("SEQ", "H", "W", "SH", "SW", "NWX", "NW", "WH", "WW")
+
+
+def _strided(prefix: str, strides):
+    names = ("0", "1", "2", "h", "d")[: len(strides)]
+    return {f"s_{prefix}{n}": int(s) for n, s in zip(names, strides)}
+
+
+def _modifier_args(modifier: dict, dummy: torch.Tensor) -> dict:
+    args = dict(_MODIFIER_DEFAULTS)
+    args.update({name: dummy for name in _MODIFIER_TENSORS})
+    args.update({k: v for k, v in modifier.items() if v is not None})
+    return args
+
+
+def attention_forward(kind: int, q, k, v, out, lse, strides: dict, groups: int, heads: int, n_max: int,
+                      scale: float, modifier: dict) -> None:
+    """Launches _attn_fwd over groups x ceil(n_max / BLOCK_M) x heads programs.
+
+    strides: "q", "k", "v", "o" -> (s0, s1, s2, s_head, s_dim) in the kernels' token coordinates,
+    "l" -> (s0, s1, s2, s_head) of lse. n_max bounds the queries and keys of every group. modifier:
+    the kind's own kernel arguments (see _MODIFIER_DEFAULTS).
+    """
+    dqk, dv = q.shape[-1], v.shape[-1]
+    bdqk, bdv = head_block(dqk), head_block(dv)
+    block_m, block_n, warps, stages = tile_config(n_max, bdqk, bdv, q.dtype, tall=kind == VARLEN)
+    m_blocks = triton.cdiv(n_max, block_m)
+    ieee, upcast = dot_flags(q.dtype)
+    with device_ctx(q):
+        launcher(_attn_fwd)[(groups * m_blocks * heads,)](
+            q, k, v, out, lse,
+            **_strided("q", strides["q"]), **_strided("k", strides["k"]), **_strided("v", strides["v"]),
+            **_strided("o", strides["o"]), **_strided("l", strides["l"]),
+            **_modifier_args(modifier, q),
+            HEADS=heads, M_BLOCKS=m_blocks, DQK=dqk, DV=dv, qk_scale=float(scale) * _LOG2E.value,
+            KIND=kind, IEEE=ieee, UPCAST=upcast,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
+            num_warps=warps, num_stages=stages,
+        )
+
+
+def attention_backward(kind: int, grad_out, q, k, v, out, lse, dq, dk, dv, strides: dict, groups: int,
+                       heads: int, n_max: int, scale: float, modifier: dict,
+                       dbias: torch.Tensor = None, replicas: int = 1) -> None:
+    """Preprocess, dK/dV and dQ launches, writing dq, dk, dv (and adding dS into dbias if given).
+
+    strides as for attention_forward plus "g" (grad_out), "dq", "dk", "dv"; lse must be
+    contiguous (Drow is allocated like it and read with its strides). dbias: fp32
+    [replicas, heads, N, N], zero-filled by the caller (WINDOW only).
+    """
+    dqk, dvd = q.shape[-1], v.shape[-1]
+    bdqk, bdv = head_block(dqk), head_block(dvd)
+    block_m, block_n, warps, stages = tile_config(n_max, bdqk, bdv, q.dtype, backward=True)
+    m_blocks, n_blocks = triton.cdiv(n_max, block_m), triton.cdiv(n_max, block_n)
+    ieee, upcast = dot_flags(q.dtype)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    if tuple(lse.stride()) != tuple(delta.stride()):
+        raise ValueError("attention_backward: lse must be contiguous")
+    mod = _modifier_args(modifier, q)
+    qk_scale = float(scale) * _LOG2E.value
+    tiles = dict(KIND=kind, IEEE=ieee, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=bdqk,
+                 BLOCK_DV=bdv, num_warps=warps, num_stages=stages)
+    s = {name: _strided(name, st) for name, st in strides.items()}
+    with device_ctx(q):
+        pre_block = 32 if bdv >= 128 else 64
+        pre_blocks = triton.cdiv(n_max, pre_block)
+        launcher(_attn_bwd_preprocess)[(groups * pre_blocks * heads,)](
+            out, grad_out, delta, **s["o"], **s["g"], **s["l"],
+            **{name: mod[name] for name in _TOKEN_ARGS},
+            HEADS=heads, M_BLOCKS=pre_blocks, DV=dvd, KIND=kind, BLOCK_M=pre_block, BLOCK_DV=bdv, num_warps=4,
+        )
+        launcher(_attn_bwd_dkdv)[(groups * n_blocks * heads,)](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            **s["q"], **s["k"], **s["v"], **s["g"], **s["l"], **s["dk"], **s["dv"], **mod,
+            HEADS=heads, N_BLOCKS=n_blocks, DQK=dqk, DV=dvd, qk_scale=qk_scale, sm_scale=float(scale),
+            **tiles,
+        )
+        launcher(_attn_bwd_dq)[(groups * m_blocks * heads,)](
+            q, k, v, grad_out, lse, delta, dq, dbias if dbias is not None else delta,
+            **s["q"], **s["k"], **s["v"], **s["g"], **s["l"], **s["dq"], **mod,
+            HEADS=heads, M_BLOCKS=m_blocks, DQK=dqk, DV=dvd, qk_scale=qk_scale, sm_scale=float(scale),
+            REPLICAS=replicas, BIAS_GRAD=dbias is not None, **tiles,
+        )
