@@ -3,9 +3,19 @@ import json
 import os
 
 from .roofline import roof_seconds
-from .spec import CONTENDERS
+from .spec import CONTENDERS, is_peer, peer_index
 
 SPEEDUPS = (("eager", "eager/vitk"), ("compile", "compile/vitk"), ("peer", "peer/vitk"))
+
+
+def _order(names):
+    """Contender names in report order: CONTENDERS, then further peers (peer2, peer3, ...)."""
+    rank = {c: i for i, c in enumerate(CONTENDERS)}
+    return sorted(names, key=lambda c: (rank.get(c, len(CONTENDERS)), peer_index(c) if is_peer(c) else 0))
+
+
+def _peers(case):
+    return [c for c in _order(case["contenders"]) if is_peer(c)]
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -41,7 +51,8 @@ def _median(case, name):
 def _add_speedups(case: dict) -> None:
     vitk, eager = _median(case, "vitk"), _median(case, "eager")
     case["speedups"] = {}
-    for name, key in SPEEDUPS:
+    extra = [(c, f"{c}/vitk") for c in _peers(case) if c != "peer"]
+    for name, key in SPEEDUPS + tuple(extra):
         other = _median(case, name)
         case["speedups"][key] = other / vitk if other and vitk else None
     for name, c in case["contenders"].items():
@@ -124,12 +135,15 @@ def table(families: dict) -> str:
             cs = case["contenders"]
             sp = case.get("speedups", {})
             vitk = cs.get("vitk") or {}
+            # Several peers share the peer columns: "; " between them, in contender order.
+            peers = _peers(case) or ["peer"]
             rows.append([fam, name, case["shape"], _cell(cs.get("vitk")), _cell(cs.get("eager")),
-                         _cell(cs.get("compile")), _cell(cs.get("peer"), peer=True),
-                         _x(sp.get("eager/vitk")), _x(sp.get("compile/vitk")), _x(sp.get("peer/vitk")),
+                         _cell(cs.get("compile")), "; ".join(_cell(cs.get(p), peer=True) for p in peers),
+                         _x(sp.get("eager/vitk")), _x(sp.get("compile/vitk")),
+                         "; ".join(_x(sp.get(f"{p}/vitk")) for p in peers),
                          _pct(vitk.get("roofline_fraction"))
                          + (f" ({case['bound']})" if vitk.get("roofline_fraction") else ""),
-                         " / ".join(_mib(cs.get(c)) for c in CONTENDERS)])
+                         " / ".join(_mib(cs.get(c)) for c in [c for c in CONTENDERS if c != "peer"] + peers)])
     widths = [max(len(r[i]) for r in rows + [HEADER]) for i in range(len(HEADER))]
     line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"   # noqa: E731
     return "\n".join([line(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
@@ -180,7 +194,8 @@ def chart(data: dict, path: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     cases = [(f"{fam}\n{name}", case) for fam, cs in data["families"].items() for name, case in cs.items()]
-    names = [c for c in CONTENDERS if c != "eager"]
+    present = {c for _, case in cases for c in case["contenders"]}
+    names = [c for c in _order(present | set(CONTENDERS)) if c != "eager"]
     fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(cases)), 4.5))
     width = 0.8 / len(names)
     values = []
@@ -189,7 +204,9 @@ def chart(data: dict, path: str) -> None:
                for j, (_, case) in enumerate(cases)]
         pts = [(x, v) for x, v in pts if v]
         values += [v for _, v in pts]
-        ax.bar([x for x, _ in pts], [v - 1 for _, v in pts], width, bottom=1, label=c)
+        labels = {(case["contenders"].get(c) or {}).get("label") for _, case in cases} - {None}
+        legend = f"{c} ({sorted(labels)[0].split()[0]})" if is_peer(c) and labels else c
+        ax.bar([x for x, _ in pts], [v - 1 for _, v in pts], width, bottom=1, label=legend)
         for x, v in pts:
             ax.annotate(f"{v:.2g}x", (x, v), ha="center", va="bottom" if v >= 1 else "top", fontsize=7)
     for j, (_, case) in enumerate(cases):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from . import memory, timing
+from .spec import is_peer
 
 
 def _gb(nbytes: float) -> str:
@@ -15,8 +16,10 @@ def _gb(nbytes: float) -> str:
 
 
 def _skip_reason(session, family, case, contender):
-    if contender == "peer" and session.device.split(":")[0] not in family.peer.devices:
-        return f"{family.peer.name} runs on {'/'.join(family.peer.devices)} only"
+    if is_peer(contender):
+        peer = family.peer_of(contender)
+        if session.device.split(":")[0] not in peer.devices:
+            return f"{peer.name} runs on {'/'.join(peer.devices)} only"
     need = case.est_bytes.get(contender, 0)
     if need:
         have = memory.available_bytes(session.device) * session.MEMORY_HEADROOM
@@ -26,13 +29,30 @@ def _skip_reason(session, family, case, contender):
     return None
 
 
+def _forward_backward(fn, inputs):
+    """The timed call of a backward case (see Case.backward)."""
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    grad_out = inputs["grad_out"]
+
+    def step():
+        # Inside the timed region, for every contender alike: a fresh .grad is stored, never
+        # accumulated into last round's (which would add a read-modify-write pass per leaf).
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(grad_out)
+        return out.detach(), tuple(t.grad for t in leaves)
+    return step
+
+
 def _build(session, family, case, contender, inputs, rec):
     """(zero-argument callable, output of a first call or None). Untimed work happens here."""
-    if contender == "peer":
+    if is_peer(contender):
+        peer = family.peer_of(contender)
         start = time.perf_counter()
-        fn = family.peer.setup(case, inputs)
-        rec.update(label=family.peer.label(), setup_s=round(time.perf_counter() - start, 3))
-        return fn, None
+        fn = peer.setup(case, inputs)
+        rec.update(label=peer.label(), setup_s=round(time.perf_counter() - start, 3))
+        return (_forward_backward(fn, inputs) if case.backward else fn), None
     op, args, kwargs = (family.vitk if contender == "vitk" else family.reference)(case, inputs)
     if contender == "compile":
         # A fresh dynamo state per case: its compile time is its own, and earlier cases' graphs
@@ -40,11 +60,14 @@ def _build(session, family, case, contender, inputs, rec):
         torch._dynamo.reset()
         op = torch.compile(op)
     fn = lambda: op(*args, **kwargs)          # noqa: E731
+    if case.backward:
+        fn = _forward_backward(fn, inputs)
     rec["label"] = {"vitk": "vitkernels", "eager": "reference (eager)",
                     "compile": "torch.compile(reference)"}[contender]
     if contender != "compile":
         return fn, None
-    # First call = tracing + inductor codegen + C++/Triton compile + one run; reported, not timed.
+    # First call = tracing + inductor codegen + C++/Triton compile + one run (for a backward case,
+    # the backward graph too); reported, not timed.
     out, seconds = timing.wall(timing.synced(fn, session.device))
     rec["compile_s"] = round(seconds, 3)
     return fn, out
@@ -93,6 +116,9 @@ def _run(session, benchmark, family, case, contender, rec) -> None:
     except ImportError as exc:
         rec.update(status="skipped", reason=f"not importable: {exc}")
         pytest.skip(rec["reason"])
+    except pytest.skip.Exception as exc:                  # a peer that cannot run this case
+        rec.update(status="skipped", reason=str(exc.msg))
+        raise
     timed = timing.synced(fn, session.device)
     if out is None:                                       # compile's first call already ran
         out = timed()

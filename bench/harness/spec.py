@@ -1,16 +1,29 @@
-"""What a family file declares: its cases, how to call vitk / the reference / a peer, and a check.
+"""What a family file declares: its cases, how to call vitk / the reference / peers, and a check.
 
 The harness derives the eager and torch.compile contenders from the single `reference` call, so a
 family cannot accidentally benchmark a different function under the two names.
 """
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import pytest
 
-# Contender order is also the column order of the report.
+# Contender order is also the column order of the report. A family with several peers names the
+# second one "peer2", the third "peer3", ...; they share the peer columns of the report.
 CONTENDERS = ("vitk", "eager", "compile", "peer")
+
+
+def is_peer(contender: str) -> bool:
+    return contender.startswith("peer")
+
+
+def peer_index(contender: str) -> int:
+    return int(contender[4:] or 1) - 1
+
+
+def peer_contender(index: int) -> str:
+    return "peer" if index == 0 else f"peer{index + 1}"
 
 # (function, args, kwargs): the timed region is exactly function(*args, **kwargs).
 Call = Tuple[Callable, tuple, dict]
@@ -27,6 +40,11 @@ class Case:
     # exceeds what the device has free is skipped, never attempted, so it cannot OOM-kill the run.
     est_bytes: Dict[str, float] = field(default_factory=dict)
     est_why: Dict[str, str] = field(default_factory=dict)   # e.g. {"eager": "2 N x K fp32 matrices"}
+    # Forward+backward: every contender's timed call becomes: .grad = None on each tensor of the
+    # inputs dict that requires grad (looked up after the contender is built, so a family may create
+    # its leaves there), out = call(), out.backward(inputs["grad_out"]); the checked output is
+    # (out, (their grads, in the inputs dict's order)). FLOPs and bytes must then count both passes.
+    backward: bool = False
 
     @property
     def seed(self) -> int:
@@ -37,7 +55,8 @@ class Case:
 @dataclass(frozen=True)
 class Peer:
     """A third-party library solving the same problem; `setup` does untimed work (index building)
-    and returns the zero-argument callable to time."""
+    and returns the zero-argument callable to time, or calls pytest.skip(reason) for a case the
+    library cannot run (the reason is recorded as the contender's skip)."""
     name: str
     label: Callable[[], str]                                   # name + version, resolved lazily
     setup: Callable[[Case, dict], Callable[[], Any]]
@@ -54,10 +73,19 @@ class Family:
     # check(case, inputs, contender, output, cache) -> dict of facts for the JSON; raises
     # AssertionError when the output is wrong. `cache` lives as long as the case's inputs.
     check: Callable[[Case, dict, str, Any, dict], dict]
-    peer: Optional[Peer] = None
+    peer: Union[Peer, Sequence[Peer], None] = None      # several: contenders "peer", "peer2", ...
+
+    @property
+    def peers(self) -> Tuple[Peer, ...]:
+        if self.peer is None:
+            return ()
+        return (self.peer,) if isinstance(self.peer, Peer) else tuple(self.peer)
+
+    def peer_of(self, contender: str) -> Peer:
+        return self.peers[peer_index(contender)]
 
     def contenders(self, case: Case):
-        return [c for c in CONTENDERS if c != "peer" or self.peer is not None]
+        return [c for c in CONTENDERS if c != "peer"] + [peer_contender(i) for i in range(len(self.peers))]
 
     def pytest_function(self):
         """A parametrized pytest test, one item per (case, contender); assign it to a test_* name."""

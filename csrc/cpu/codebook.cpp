@@ -5,13 +5,16 @@
 // with the codes' ||e||^2 in a side array and the packed values holding -2e, so the score
 // ||e||^2 - 2 z.e of 16 codes against one query row is D fused multiply-adds starting from the
 // norms (||z||^2 is the same for every code and is left out). A micro-kernel broadcasts the z
-// values of R rows against one vector of codes at a time and keeps, per row and lane, the best
+// values of R rows against one block of codes at a time and keeps, per row and lane, the best
 // score and the block it came from. Strict < keeps the earlier block on equal scores, the lane
 // fold prefers the lower code, and split-K pieces merge in code order, which together is
 // torch.argmin's lowest-index rule. Rows are tiled and the codes chunked so a chunk of packed codes
 // stays in L2 while every micro-group of a tile scans it. Nothing of size N x K is ever formed:
 // memory is the packed codebook plus O(N) per-row results. The reported distance is recomputed
 // exactly for the winner, ||z - e||^2 in fp32 (cosine: 2 - 2 cos), not read off the expansion.
+//
+// The micro-kernel is written once in GCC/Clang vector extensions at the target's native width, so
+// -march=native and the portable x86-64-v2 build share one source.
 #include "vitk/codebook.h"
 
 #include <ATen/Dispatch.h>
@@ -31,10 +34,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 #include "vitk/checks.h"
 #include "vitk/tiling.h"
@@ -147,57 +146,10 @@ inline void fold_lanes(const float* val, const int32_t* blk, float& best, int64_
   }
 }
 
-#ifdef __AVX512F__
-
-// Eager update: after every block, each row's lanes keep (score, block) with a compare and two
-// masked moves. Three extra vector ops per row and block, which at large D are noise next to the D
-// FMAs.
-template <int Rows>
-void scan_eager(const float* zp, int64_t D, const float* codes, const float* norms, int64_t b0, int64_t b1,
-                float* best, int64_t* idx) {
-  __m512 bv[Rows];
-  __m512i blk[Rows];
-  for (int r = 0; r < Rows; ++r) {
-    bv[r] = _mm512_set1_ps(best[r]);
-    blk[r] = _mm512_set1_epi32(-1);
-  }
-  // The block number lives in a vector register: broadcasting it from a general register at every
-  // update costs a cross-domain move per row.
-  __m512i bid = _mm512_set1_epi32(static_cast<int32_t>(b0));
-  const __m512i one = _mm512_set1_epi32(1);
-  const float* c = codes + b0 * D * kW;
-  for (int64_t b = b0; b < b1; ++b) {
-    __m512 acc[Rows];
-    const __m512 n = _mm512_loadu_ps(norms + b * kW);
-    for (int r = 0; r < Rows; ++r) acc[r] = n;
-    // A runtime-length d loop measured faster than fully unrolled fixed-D variants (D = 8..32).
-    const float* zd = zp;
-    for (int64_t d = 0; d < D; ++d, c += kW, zd += Rows) {
-      const __m512 cv = _mm512_loadu_ps(c);
-      for (int r = 0; r < Rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(zd[r]), cv, acc[r]);
-    }
-    for (int r = 0; r < Rows; ++r) {
-      // Ordered less-than: a NaN score never displaces anything.
-      const __mmask16 lt = _mm512_cmp_ps_mask(acc[r], bv[r], _CMP_LT_OQ);
-      bv[r] = _mm512_mask_mov_ps(bv[r], lt, acc[r]);
-      blk[r] = _mm512_mask_mov_epi32(blk[r], lt, bid);
-    }
-    bid = _mm512_add_epi32(bid, one);
-  }
-  for (int r = 0; r < Rows; ++r) {
-    alignas(64) float val[kW];
-    alignas(64) int32_t bl[kW];
-    _mm512_store_ps(val, bv[r]);
-    _mm512_store_si512(bl, blk[r]);
-    fold_lanes(val, bl, best[r], idx[r]);
-  }
-}
-
-#endif  // __AVX512F__
-
-// The same kernel in GCC/Clang vector extensions at the target's native vector width (16, 32 or 64
-// bytes), a block of 16 codes being kNV such vectors. Left to the auto-vectorizer, plain loops over
-// 16 lanes came out 3-10x slower, and a single 64-byte generic vector was kept in memory on AVX2.
+// Native-width vectors (16, 32 or 64 bytes): with AVX-512 a block of 16 codes is one register and
+// the kernel compiles to the same instructions, and speed, as hand-written intrinsics; with SSE it
+// is four. Left to the auto-vectorizer, loops over 16 scalar lanes came out 3-10x slower, and a
+// single 64-byte generic vector was kept in memory on AVX2.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
@@ -205,7 +157,8 @@ constexpr int kVecBytes = 32;
 #else
 constexpr int kVecBytes = 16;
 #endif
-constexpr int kNV = kW * 4 / kVecBytes;
+constexpr int kVL = kVecBytes / 4;  // fp32 lanes per native vector
+constexpr int kNV = kW / kVL;       // native vectors per block of codes
 typedef float vecf __attribute__((vector_size(kVecBytes)));
 typedef int32_t veci __attribute__((vector_size(kVecBytes)));
 
@@ -215,10 +168,13 @@ inline vecf load_vecf(const float* p) {
   return v;
 }
 
+// Every block, each row's lanes keep (score, block) with a compare and two selects: three vector
+// ops per row and block next to D FMAs. (A "lazy" variant keeping only a lane-wise min, and
+// rescanning a sub-chunk for a row when it beat the row's best, gained ~5% at D = 8 and lost at
+// D >= 32: not worth a second kernel.)
 template <int Rows>
-void scan_portable(const float* zp, int64_t D, const float* codes, const float* norms, int64_t b0, int64_t b1,
-                   float* best, int64_t* idx) {
-  constexpr int VL = kVecBytes / 4;
+void scan_rows(const float* zp, int64_t D, const float* codes, const float* norms, int64_t b0, int64_t b1,
+               float* best, int64_t* idx) {
   vecf bv[Rows][kNV];
   veci blk[Rows][kNV];
   for (int r = 0; r < Rows; ++r)
@@ -231,13 +187,13 @@ void scan_portable(const float* zp, int64_t D, const float* codes, const float* 
   for (int64_t b = b0; b < b1; ++b) {
     vecf acc[Rows][kNV];
     for (int v = 0; v < kNV; ++v) {
-      const vecf n = load_vecf(norms + b * kW + v * VL);
+      const vecf n = load_vecf(norms + b * kW + v * kVL);
       for (int r = 0; r < Rows; ++r) acc[r][v] = n;
     }
     const float* zd = zp;
     for (int64_t d = 0; d < D; ++d, c += kW, zd += Rows) {
       vecf cv[kNV];
-      for (int v = 0; v < kNV; ++v) cv[v] = load_vecf(c + v * VL);
+      for (int v = 0; v < kNV; ++v) cv[v] = load_vecf(c + v * kVL);
       for (int r = 0; r < Rows; ++r) {
         const float zr = zd[r];
         for (int v = 0; v < kNV; ++v) acc[r][v] += zr * cv[v];
@@ -245,7 +201,9 @@ void scan_portable(const float* zp, int64_t D, const float* codes, const float* 
     }
     for (int r = 0; r < Rows; ++r)
       for (int v = 0; v < kNV; ++v) {
-        const veci lt = acc[r][v] < bv[r][v];  // false for NaN, as in the AVX-512 kernel
+        // Ordered less-than: a NaN score never displaces anything, and an equal one found later
+        // (a higher code) never wins.
+        const veci lt = acc[r][v] < bv[r][v];
         bv[r][v] = lt ? acc[r][v] : bv[r][v];
         blk[r][v] = lt ? bid : blk[r][v];
       }
@@ -276,34 +234,29 @@ void fill_table(KernelSet& ks) {
   }
 }
 
-#ifdef __AVX512F__
-template <int Rows> struct MakeEager { static constexpr ScanFn fn = &scan_eager<Rows>; };
-#endif
-template <int Rows> struct MakePortable { static constexpr ScanFn fn = &scan_portable<Rows>; };
+template <int Rows>
+struct MakeScan {
+  static constexpr ScanFn fn = &scan_rows<Rows>;
+};
 
-#ifndef VITK_CB_PORTABLE_R
-#define VITK_CB_PORTABLE_R 4
-#endif
 KernelSet kernels_for(int64_t D) {
+  // As many rows as keep the accumulators, the (score, block) state and a block of codes in
+  // registers: 3 x kNV vectors per row out of 32 (AVX-512) or 16. At large D the state may spill,
+  // once per D x Rows FMAs, and more rows amortize each code load over more FMAs.
   KernelSet ks;
-#ifdef __AVX512F__
-  // Rows per micro-group: eager state takes 3 zmm per row, so 8 rows is what fits in registers with
-  // the code vector; at large D the state spills once per block of D x Rows FMAs, which is noise,
-  // and 12 rows amortize each code load over more FMAs. (A "lazy" variant that keeps only a
-  // lane-wise min and rescans a sub-chunk when it beats the row's best gained ~5% at D = 8 and lost
-  // at D >= 32; not worth a second kernel.)
-  if (D <= 64) {
-    ks.R = 8;
-    fill_table<MakeEager, 8>(ks);
+  if (kVecBytes == 64) {
+    ks.R = D <= 64 ? 8 : 12;
+  } else if (kVecBytes == 32) {
+    ks.R = 4;
   } else {
-    ks.R = 12;
-    fill_table<MakeEager, 12>(ks);
+    ks.R = D <= 64 ? 2 : 4;
   }
-#else
-  (void)D;
-  ks.R = VITK_CB_PORTABLE_R;
-  fill_table<MakePortable, VITK_CB_PORTABLE_R>(ks);
-#endif
+  switch (ks.R) {
+    case 2: fill_table<MakeScan, 2>(ks); break;
+    case 4: fill_table<MakeScan, 4>(ks); break;
+    case 8: fill_table<MakeScan, 8>(ks); break;
+    default: fill_table<MakeScan, 12>(ks); break;
+  }
   return ks;
 }
 

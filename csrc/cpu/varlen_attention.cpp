@@ -51,7 +51,24 @@ struct View3 {
   int64_t s0 = 0, s1 = 0, s2 = 0;
   explicit View3(const at::Tensor& t) : base(t.data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
   const T* row(int64_t t, int64_t h) const { return base + t * s0 + h * s1; }
+  // Queues the cache lines of head h of rows [t0, t0 + n).
+  void queue(attn::PrefetchQueue& pq, int64_t t0, int64_t n, int64_t h, int64_t d) const {
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      if (s2 == 1) {
+        pq.add(row(t, h), d * static_cast<int64_t>(sizeof(T)));
+      } else {
+        for (int64_t e = 0; e < d; ++e) pq.add(row(t, h) + e * s2, sizeof(T));
+      }
+    }
+  }
 };
+
+// Queues the rows of head h of rows [t0, t0 + n) of a contiguous [total, heads, d] output.
+template <typename T>
+void queue_out(attn::PrefetchQueue& pq, T* base, int64_t nh, int64_t d, int64_t t0, int64_t n, int64_t h) {
+  for (int64_t t = t0; t < t0 + n; ++t)
+    pq.add(base + (t * nh + h) * d, d * static_cast<int64_t>(sizeof(T)));
+}
 
 void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu,
                        int64_t max_seqlen) {
@@ -117,10 +134,23 @@ void varlen_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     Buffer qb, ktb, vb, ob, lb;
     attn::Scratch ws;
+    attn::PrefetchQueue pq;
     int64_t cur_seg = -1, cur_h = -1, L = 0, ldkt = 0;
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& t = tasks[ti];
       const int64_t t0 = off[t.seg];
+      pq.clear();
+      if (ti + 1 < end) {
+        const Task& nt = tasks[ti + 1];
+        const int64_t n0 = off[nt.seg], nl = off[nt.seg + 1] - n0;
+        if (nt.seg != t.seg || nt.h != t.h) {
+          qv.queue(pq, n0, nl, nt.h, dqk);
+          kv.queue(pq, n0, nl, nt.h, dqk);
+          vv.queue(pq, n0, nl, nt.h, dv);
+        }
+        queue_out(pq, op, nh, dv, n0 + nt.begin, nt.end - nt.begin, nt.h);
+      }
+      pq.plan(t.end - t.begin);
       if (t.seg != cur_seg || t.h != cur_h) {
         cur_seg = t.seg;
         cur_h = t.h;
@@ -148,8 +178,10 @@ void varlen_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       p.o = ob.data();
       p.ldo = ldv;
       p.lse = lb.data();
+      p.prefetch = &pq;
       attn::NoModifier mod;
       attn::attention_forward(p, mod, ws, Range{t.begin, t.end});
+      pq.drain();
       for (int64_t i = t.begin; i < t.end; ++i) {
         const int64_t row = (t0 + i) * nh + t.h;
         T* dst = op + row * dv;
@@ -257,12 +289,25 @@ void varlen_bwd_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor
     at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
       BwdPack pk;
       attn::Scratch ws;
+      attn::PrefetchQueue pq;
       for (int64_t ti = begin; ti < end; ++ti) {
         const Task& t = tasks[ti];
         if (t.seg != pk.seg || t.h != pk.h)
           pack_problem<T>(pk, t.seg, t.h, off[t.seg], off[t.seg + 1] - off[t.seg], qv, kv, vv, gv, ov, lp, ls0, ls1,
                           dqk, dv, scale);
-        body(pk, ws, t);
+        pq.clear();
+        if (ti + 1 < end && (tasks[ti + 1].seg != t.seg || tasks[ti + 1].h != t.h)) {
+          const Task& nt = tasks[ti + 1];
+          const int64_t n0 = off[nt.seg], nl = off[nt.seg + 1] - n0;
+          qv.queue(pq, n0, nl, nt.h, dqk);
+          kv.queue(pq, n0, nl, nt.h, dqk);
+          vv.queue(pq, n0, nl, nt.h, dv);
+          gv.queue(pq, n0, nl, nt.h, dv);
+          ov.queue(pq, n0, nl, nt.h, dv);
+        }
+        pq.plan(t.end - t.begin);
+        body(pk, ws, t, pq);
+        pq.drain();
       }
     });
   };
@@ -272,12 +317,13 @@ void varlen_bwd_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor
     for (int64_t s = 0; s < S; ++s)
       for (int64_t h = 0; h < nh; ++h)
         if (off[s + 1] > off[s]) tasks.push_back(Task{s, h, 0, off[s + 1] - off[s]});
-    run(tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t) {
+    run(tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t, attn::PrefetchQueue& pq) {
       const int64_t L = pk.L;
       std::fill(pk.dq.data(), pk.dq.data() + L * pk.ldq, 0.f);
       std::fill(pk.dk.data(), pk.dk.data() + L * pk.ldq, 0.f);
       std::fill(pk.dv.data(), pk.dv.data() + L * pk.ldv, 0.f);
       attn::BwdProblem p = problem_of(pk, dqk, dv);
+      p.prefetch = &pq;
       attn::NoModifier mod;
       attn::attention_backward(p, mod, ws, Range{0, L}, Range{0, L}, attn::kAll);
       const int64_t t0 = off[t.seg];
@@ -298,21 +344,23 @@ void varlen_bwd_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor
       add_chunks(query_tasks, s, h, len, kQueryChunk, 1);
     }
   }
-  run(key_tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t) {
+  run(key_tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t, attn::PrefetchQueue& pq) {
     const Range kr{t.begin, t.end};
     std::fill(pk.dk.data() + kr.begin * pk.ldq, pk.dk.data() + kr.end * pk.ldq, 0.f);
     std::fill(pk.dv.data() + kr.begin * pk.ldv, pk.dv.data() + kr.end * pk.ldv, 0.f);
     attn::BwdProblem p = problem_of(pk, dqk, dv);
+    p.prefetch = &pq;
     attn::NoModifier mod;
     attn::attention_backward(p, mod, ws, Range{0, pk.L}, kr, attn::kKeyValue | attn::kParams);
     const int64_t t0 = off[t.seg];
     store_rows(dkp, nh, t.h, t0, kr, pk.dk.data(), pk.ldq, dqk, 1.f);
     store_rows(dvp, nh, t.h, t0, kr, pk.dv.data(), pk.ldv, dv, 1.f);
   });
-  run(query_tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t) {
+  run(query_tasks, [&](BwdPack& pk, attn::Scratch& ws, const Task& t, attn::PrefetchQueue& pq) {
     const Range qr{t.begin, t.end};
     std::fill(pk.dq.data() + qr.begin * pk.ldq, pk.dq.data() + qr.end * pk.ldq, 0.f);
     attn::BwdProblem p = problem_of(pk, dqk, dv);
+    p.prefetch = &pq;
     attn::NoModifier mod;
     attn::attention_backward(p, mod, ws, qr, Range{0, pk.L}, attn::kQuery);
     store_rows(dqp, nh, t.h, off[t.seg], qr, pk.dq.data(), pk.ldq, dqk, scale);

@@ -1,22 +1,24 @@
 // CPU kernels of shifted-window attention (Swin): forward and backward on the attention core.
 //
-// One task is one (head, image, window). Its tokens are found by arithmetic on the window grid --
-// padded coordinate (wy*wh + r, wx*ww + c), absent past the image edge, otherwise the image token
-// shifted back by (sh, sw) modulo the image -- and gathered straight from q, k, v through their
-// strides into small fp32 tiles, so the rolled, padded and partitioned copies of the reference
-// never exist and a packed qkv tensor is read in place. A window is one key tile of the core
-// (N <= 256), so its softmax is exact in one pass.
+// One task is one (image, window, group of heads); heads run inside it, one core problem each. The
+// window's tokens are found by arithmetic on the window grid -- padded coordinate (wy*wh + r,
+// wx*ww + c), absent past the image edge, otherwise the image token shifted back by (sh, sw)
+// modulo the image -- and gathered straight from q, k, v through their strides into small fp32
+// tiles, so the rolled, padded and partitioned copies of the reference never exist and a packed
+// qkv tensor is read in place. While a task computes, the next task's cache lines are prefetched a
+// few per query row (attn::PrefetchQueue). A window of up to 256 tokens is one key tile of the
+// core, so its softmax is exact in one pass; larger windows go through the online softmax.
 //
-// The score modifier adds the relative-position bias and the shift/padding mask. Tasks run
-// head-major, so a thread expands its head's bias table into an [N][N] tile once and reuses it for
-// every window it processes (O(tile) per thread, never [heads, N, N]). Only windows in the last
+// The score modifier adds the relative-position bias and the shift/padding mask. The bias is read
+// from BiasRows, the table laid out per (head, query column) so that one query's biases against
+// all keys are one contiguous run: no gather, no [heads, N, N] expansion. Only windows in the last
 // window row or column differ in mask (the region test and the padding), so the masks of the four
-// window kinds are built once per call.
+// window kinds are built once per call ([4, N, N] floats) and interior windows add none.
 //
-// Backward: the bias gradient is the sum of dLogits over every window and image, gathered back
-// through the relative-position index. Windows are cut into fixed chunks of kBiasChunk per head;
-// each chunk sums its dLogits in an [N][N] fp32 tile, folds it into a table-shaped partial, and the
-// partials are summed in chunk order -- deterministic, and independent of the thread count.
+// Backward: the bias gradient is the sum of dLogits over every window and image. Tasks are cut into
+// fixed chunks; each chunk accumulates its dLogits with the same contiguous runs into a BiasRows-
+// shaped fp32 buffer, folds it into a table-shaped partial at the chunk's end, and the partials are
+// summed in chunk order -- deterministic, and independent of the thread count.
 #include "vitk/window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -38,7 +40,6 @@
 
 namespace vitk {
 namespace cpu {
-int g_wak_debug = 0;  // DEBUG-TEMP
 namespace {
 
 using attn::Buffer;
@@ -46,7 +47,6 @@ using attn::kNegInf;
 using attn::kPosInf;
 using attn::pad_lanes;
 
-constexpr int64_t kBiasChunk = 8;  // windows per bias-gradient partial
 // The -100 of timm's shifted-window mask (not -inf: a token still sees a little of its
 // neighbours from the other side of the roll).
 constexpr float kShiftMask = -100.f;
@@ -67,7 +67,7 @@ struct Geometry {
   // too few windows to feed the threads; the rule depends on shapes alone.
   int64_t hpg = 1, G = 1, tasks = 0;
 
-  // Kind 0: interior; bit 1: last window column; bit 2: last window row.
+  // Window kind: 0 interior, +1 in the last window column, +2 in the last window row.
   int kind(int64_t wy, int64_t wx) const { return (wy == nWh - 1 ? 2 : 0) + (wx == nWw - 1 ? 1 : 0); }
   const float* extra_of(int kd) const { return has_extra[kd] ? extra.data() + kd * N * N : nullptr; }
 };
@@ -250,8 +250,7 @@ struct WindowTokens {
       for (const View5<T>* in : ins) in->queue(pq, t.b, y[i], x[i], t.h0, t.h1);
       const int64_t tok = (t.b * g.H + y[i]) * g.W + x[i];
       for (size_t o = 0; o < NO; ++o)
-        pq.add(outs[o] + (tok * g.nh + t.h0) * outw[o], (t.h1 - t.h0) * outw[o] * static_cast<int64_t>(sizeof(T)),
-               /*write=*/true);
+        pq.add(outs[o] + (tok * g.nh + t.h0) * outw[o], (t.h1 - t.h0) * outw[o] * static_cast<int64_t>(sizeof(T)));
     }
   }
 };
@@ -372,7 +371,7 @@ void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k
       if (task + 1 < end) {
         ti = decode_task(g, task + 1);
         next.locate(g, ti.wy, ti.wx);
-        if (!(g_wak_debug & 2)) next.queue(pq, g, ti, ins, outs, outw);
+        next.queue(pq, g, ti, ins, outs, outw);
       }
       pq.plan((cur.h1 - cur.h0) * N);
       const int64_t b = cur.b;
@@ -404,7 +403,7 @@ void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k
         p.prefetch = &pq;
         mod.rows = bias != nullptr ? bias->head(g, h) : nullptr;
         mod.LE = bias != nullptr ? bias->LE : 0;
-        if (!(g_wak_debug & 1)) attn::attention_forward(p, mod, ws, Range{0, N});
+        attn::attention_forward(p, mod, ws, Range{0, N});
 
         for (int64_t i = 0; i < N; ++i) {
           if (!tok.present(i)) continue;
@@ -472,9 +471,9 @@ void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& 
       if (task + 1 < tend) {
         ti = decode_task(g, task + 1);
         next.locate(g, ti.wy, ti.wx);
-        if (!(g_wak_debug & 2)) next.queue(pq, g, ti, ins, outs, outw);
+        next.queue(pq, g, ti, ins, outs, outw);
       }
-      pq.plan((g_wak_debug & 8) ? (cur.h1 - cur.h0) * N / 2 : (g_wak_debug & 16) ? (cur.h1 - cur.h0) * N / 4 : (cur.h1 - cur.h0) * N);
+      pq.plan((cur.h1 - cur.h0) * N);
       const int64_t b = cur.b;
       WindowModifier mod;
       mod.g = &g;
@@ -524,7 +523,7 @@ void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& 
         mod.rows = bias != nullptr ? bias->head(g, h) : nullptr;
         mod.LE = LE;
         mod.dacc = dacc != nullptr ? dacc + h * AB : nullptr;
-        if (!(g_wak_debug & 1)) attn::attention_backward(p, mod, ws, Range{0, N}, Range{0, N}, attn::kAll);
+        attn::attention_backward(p, mod, ws, Range{0, N}, Range{0, N}, attn::kAll);
 
         for (int64_t i = 0; i < N; ++i) {
           if (!tok.present(i)) continue;
