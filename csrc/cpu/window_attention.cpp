@@ -13,7 +13,7 @@
 // from BiasRows, the table laid out per (head, query column) so that one query's biases against
 // all keys are one contiguous run: no gather, no [heads, N, N] expansion. Only windows in the last
 // window row or column differ in mask (the region test and the padding), so the masks of the four
-// window kinds are built once per call ([4, N, N] floats) and interior windows add none.
+// window kinds are built once per call (at most 3 [N, N] tiles) and interior windows add none.
 //
 // Backward: the bias gradient is the sum of dLogits over every window and image. Tasks are cut into
 // fixed chunks; each chunk accumulates its dLogits with the same contiguous runs into a BiasRows-
@@ -61,15 +61,14 @@ struct Geometry {
   bool shifted = false;
   std::vector<int64_t> ysrc, xsrc;  // padded coordinate -> image coordinate, -1 when absent
   std::vector<int32_t> pos_r, pos_c;  // in-window position -> (r, c)
-  std::vector<float> extra;         // [4][N][N] mask of each window kind (0, -100, -inf)
-  bool has_extra[4] = {false, false, false, false};
+  std::vector<float> extra[4];      // [N][N] mask of each window kind (0, -100, -inf); empty: none
   // Tasks: (image, window, group of heads), heads innermost. Heads are grouped only when there are
   // too few windows to feed the threads; the rule depends on shapes alone.
   int64_t hpg = 1, G = 1, tasks = 0;
 
   // Window kind: 0 interior, +1 in the last window column, +2 in the last window row.
   int kind(int64_t wy, int64_t wx) const { return (wy == nWh - 1 ? 2 : 0) + (wx == nWw - 1 ? 1 : 0); }
-  const float* extra_of(int kd) const { return has_extra[kd] ? extra.data() + kd * N * N : nullptr; }
+  const float* extra_of(int kd) const { return extra[kd].empty() ? nullptr : extra[kd].data(); }
 };
 
 constexpr int64_t kMinTasks = 32;
@@ -122,7 +121,6 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& v, int64_t wh, int
     g.pos_c[i] = static_cast<int32_t>(i % ww);
   }
   if (g.nW == 0) return g;
-  g.extra.assign(4 * N * N + attn::kLanes, 0.f);  // + padding for the vector tail
   std::vector<int> reg(N);
   std::vector<char> valid(N);
   for (int kd = 0; kd < 4; ++kd) {
@@ -130,22 +128,23 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& v, int64_t wh, int
     // in region 0 and inside the image.
     const int64_t wy = (kd & 2) ? g.nWh - 1 : 0, wx = (kd & 1) ? g.nWw - 1 : 0;
     if (g.kind(wy, wx) != kd) continue;  // no window of this kind
+    bool any = false;
     for (int64_t i = 0; i < N; ++i) {
       const int64_t y = wy * wh + g.pos_r[i], x = wx * ww + g.pos_c[i];
       valid[i] = y < g.H && x < g.W;
       reg[i] = 3 * region(y, g.Hp, wh, sh) + region(x, g.Wp, ww, sw);
+      any = any || !valid[i] || (g.shifted && reg[i] != reg[0]);
     }
-    float* e = g.extra.data() + kd * N * N;
-    bool any = false;
+    if (!any) continue;  // a kind without padding or region boundary adds nothing
+    std::vector<float>& e = g.extra[kd];
+    e.assign(N * N + attn::kLanes, 0.f);  // + padding for the vector tail
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < N; ++j) {
         float val = 0.f;
         if (!valid[j]) val = kNegInf;
         else if (g.shifted && reg[i] != reg[j]) val = kShiftMask;
         e[i * N + j] = val;
-        any = any || val != 0.f;
       }
-    g.has_extra[kd] = any;
   }
   return g;
 }

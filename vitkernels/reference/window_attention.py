@@ -100,13 +100,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=acc, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for s in range(len(bounds) - 1):
-        a, b = bounds[s], bounds[s + 1]
-        if b == a:
-            continue
-        qs, ks, vs = (t[a:b].to(acc).transpose(0, 1) for t in (q, k, v))   # [heads, n, d]
+    # split + cat as Qwen's code does: slicing into a preallocated output would make autograd build
+    # one full-size gradient per segment.
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
+        qs, ks, vs = (t.to(acc).transpose(0, 1) for t in (qs, ks, vs))      # [heads, n, d]
         p = ((qs * scale) @ ks.transpose(-2, -1)).softmax(-1)
-        out[a:b] = (p @ vs).transpose(0, 1)
-    return out.to(q.dtype)
+        outs.append((p @ vs).transpose(0, 1))
+    if not outs:
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    return torch.cat(outs).to(q.dtype)
