@@ -60,9 +60,10 @@ TORCH_LIBRARY(vitk, m) {
         {at::Tag::pt2_compliant_tag});
   // The criss-cross form in one pass: both softmaxes once, out = (parts[0] + parts[1]) / 2 with
   // parts = [A_h y_w, A_w y_h], mids = [y_w, y_h] = [A_w v, A_h v], lse = [row softmax, column softmax]:
-  // what the four axial_attention_bwd calls of its backward need.
-  m.def("axial_decay_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, float scale) "
-        "-> (Tensor out, Tensor parts, Tensor mids, Tensor lse)",
+  // what the four axial_attention_bwd calls of its backward need. Without save_for_backward (no
+  // gradient wanted) parts and mids are empty and never written: inference stores only out.
+  m.def("axial_decay_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, float scale, "
+        "bool save_for_backward=True) -> (Tensor out, Tensor parts, Tensor mids, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   m.def("gaussian_mask_attention(Tensor q, Tensor k, Tensor v, Tensor mix_weight, Tensor mix_sigma, "
         "float? scale=None) -> Tensor",

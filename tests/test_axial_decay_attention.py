@@ -321,6 +321,36 @@ def test_axial_fused_opcheck():
     args = [t.detach().requires_grad_(True) for t in (q, k, v, la, lb)]
     torch.library.opcheck(torch.ops.vitk.axial_decay_attention_fwd.default, (*args, 0.3))
     torch.library.opcheck(torch.ops.vitk.axial_decay_attention_fwd.default, (q, k, v, la, lb, 0.3))
+    torch.library.opcheck(torch.ops.vitk.axial_decay_attention_fwd.default, (q, k, v, la, lb, 0.3, False))
+
+
+@pytest.mark.parametrize("backend,device", DFWD)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_axial_fused_inference_stores_only_out(backend, device, dtype, run_on):
+    """Without save_for_backward: the same out and lse, bit for bit, and empty parts and mids."""
+    q, k, v = _packed_qkv(2, 5, 7, 3, 8, dtype, device, dv=16)
+    la, lb = _decay(2, 5, 7, 3, "range", device), _decay(2, 5, 7, 3, "signed", device)
+    full = run_on(backend, torch.ops.vitk.axial_decay_attention_fwd, q, k, v, la, lb, 0.4, True)
+    lean = run_on(backend, torch.ops.vitk.axial_decay_attention_fwd, q, k, v, la, lb, 0.4, False)
+    assert lean[1].shape == lean[2].shape == (0,)
+    assert torch.equal(lean[0], full[0]) and torch.equal(lean[3], full[3])
+
+
+def test_axial_public_op_saves_only_when_grad_is_wanted():
+    """The public op takes the lean path exactly when no gradient is wanted, with the same output
+    either way, and a gradient through a lean call is refused with a clear error."""
+    q, k, v = _packed_qkv(1, 4, 6, 2, 8, torch.float32)
+    la, lb = _decay(1, 4, 6, 2, "range"), _decay(1, 4, 6, 2, "range")
+    with torch.no_grad():
+        lean = torch.ops.vitk.axial_decay_attention(q, k, v, la, lb)
+    la.requires_grad_(True)
+    out = torch.ops.vitk.axial_decay_attention(q, k, v, la, lb)
+    assert torch.equal(out.detach(), lean)
+    out.sum().backward()
+    assert la.grad is not None and torch.isfinite(la.grad).all()
+    out = torch.ops.vitk.axial_decay_attention_fwd(q, k, v, la, lb, 0.3, False)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
 
 
 def test_axial_fused_empty_and_bad_input():
@@ -332,6 +362,6 @@ def test_axial_fused_empty_and_bad_input():
     q, k, v = _packed_qkv(1, 4, 5, 2, 8, torch.float32)
     la = _decay(1, 4, 5, 2, "range")
     with pytest.raises(RuntimeError, match="^log_beta:"):
-        vitkernels._C.axial_decay_attention_fwd_cpu(q, k, v, la, la[..., :1], 0.3)
+        vitkernels._C.axial_decay_attention_fwd_cpu(q, k, v, la, la[..., :1], 0.3, True)
     with pytest.raises(RuntimeError, match="^v:"):
-        vitkernels._C.axial_decay_attention_fwd_cpu(q, k, v[:, :1], la, la, 0.3)
+        vitkernels._C.axial_decay_attention_fwd_cpu(q, k, v[:, :1], la, la, 0.3, True)

@@ -412,10 +412,9 @@ inline void average2(float* __restrict dst, const float* __restrict a, const flo
 template <typename T>
 inline void store_row(T* __restrict dst, const float* __restrict src, int64_t n) {
 #ifdef __AVX512F__
-  // fp32 rows as whole (masked) vectors: as a plain loop the compiler calls memmove per row.
+  // fp32 rows as whole (masked) vectors, streamed: as a plain loop the compiler calls memmove per row.
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t j = 0; j < n; j += attn::kLanes)
-      _mm512_mask_storeu_ps(dst + j, attn::simd::tail_mask(n - j), _mm512_loadu_ps(src + j));
+    attn::simd::stream_row(dst, src, n);
     return;
   }
 #endif
@@ -432,11 +431,11 @@ struct FusedScratch {
 template <typename T>
 void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& la, const at::Tensor& lb, float scale, at::Tensor& out_t,
-                          at::Tensor& parts_t, at::Tensor& mids_t, at::Tensor& lse_t) {
+                          at::Tensor& parts_t, at::Tensor& mids_t, at::Tensor& lse_t, bool save) {
   const TokenView<T> qv(q), kv(k), vv(v);
   T* outp = out_t.data_ptr<T>();
-  T* partp = parts_t.data_ptr<T>();
-  T* midp = mids_t.data_ptr<T>();
+  T* partp = save ? parts_t.data_ptr<T>() : nullptr;
+  T* midp = save ? mids_t.data_ptr<T>() : nullptr;
   float* lsep = lse_t.data_ptr<float>();
   const int64_t H = g.H, W = g.W, nh = g.nh, dqk = g.dqk, dv = g.dv, N = H * W;
   const int64_t ldw = pad_lanes(W), ldh = pad_lanes(H), ldv = pad_lanes(dv), ldx = 2 * ldv;
@@ -536,6 +535,7 @@ void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Ten
             const float* o2 = ohw + x * ldv;
             average2(mean, yr + ldv, o2, ldv);
             store_row(outp + row, mean, dv);
+            if (!save) continue;
             store_row(partp + row, yr + ldv, dv);
             store_row(partp + half * dv + row, o2, dv);
             store_row(midp + row, xr + ldv, dv);
@@ -544,6 +544,7 @@ void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Ten
         }
       }
     }
+    attn::simd::stream_fence();
   });
 }
 
@@ -587,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
-    const at::Tensor& log_beta, double scale) {
+    const at::Tensor& log_beta, double scale, bool save_for_backward) {
   decay::check_qkv(q, k, v);
   decay::check_decay(log_alpha, "log_alpha", q);
   decay::check_decay(log_beta, "log_beta", q);
@@ -598,8 +599,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention
   std::vector<int64_t> lshape{2};
   lshape.insert(lshape.end(), q.sizes().begin(), q.sizes().begin() + 4);
   at::Tensor out = at::empty(oshape, q.options());
-  at::Tensor parts = at::empty(pshape, q.options());
-  at::Tensor mids = at::empty(pshape, q.options());
+  // Without save_for_backward nothing reads parts or mids: empty, and the kernel stores only out.
+  const std::vector<int64_t> sshape = save_for_backward ? pshape : std::vector<int64_t>{0};
+  at::Tensor parts = at::empty(sshape, q.options());
+  at::Tensor mids = at::empty(sshape, q.options());
   at::Tensor lse = at::empty(lshape, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, parts, mids, lse};
   FusedGeom g;
@@ -611,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention
   g.dv = v.size(4);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "axial_decay_attention_fwd", [&] {
     axial_decay_fwd_impl<scalar_t>(g, q, k, v, log_alpha, log_beta, static_cast<float>(scale), out, parts, mids,
-                                   lse);
+                                   lse, save_for_backward);
   });
   return {out, parts, mids, lse};
 }

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "vitk/attention_core.h"
@@ -168,7 +169,11 @@ void store_rows(T* dst, int64_t N, int64_t nh, int64_t b, int64_t h, Range r, co
   for (int64_t i = r.begin; i < r.end; ++i) {
     T* o = dst + ((b * N + i) * nh + h) * d;
     const float* sr = src + (i - r.begin) * ld;
-    for (int64_t e = 0; e < d; ++e) o[e] = static_cast<T>(sr[e] * mult);
+    if constexpr (std::is_same_v<T, float>) {
+      attn::simd::stream_row(o, sr, d, mult);
+    } else {
+      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<T>(sr[e] * mult);
+    }
   }
 }
 
@@ -273,6 +278,7 @@ void reduced_fwd_impl(const Shape& sh, const at::Tensor& q, const at::Tensor& k,
         for (int64_t i = 0; i < len; ++i) lp[(t.b * sh.Nq + t.begin + i) * nh + t.h] = ls[i];
       }
     }
+    attn::simd::stream_fence();
   });
 }
 
@@ -415,6 +421,7 @@ void reduced_bwd_impl(const Shape& sh, const at::Tensor& go, const at::Tensor& q
         }
       }
     }
+    attn::simd::stream_fence();
   });
 
   // dk, dv: each problem's chunk partials summed in chunk order.
@@ -432,6 +439,7 @@ void reduced_bwd_impl(const Shape& sh, const at::Tensor& go, const at::Tensor& q
       store_rows(dkp, Nk, nh, b, h, Range{0, Nk}, acc.data(), dqk, dqk, 1.f);
       store_rows(dvp, Nk, nh, b, h, Range{0, Nk}, acc.data() + Nk * dqk, dv, dv, 1.f);
     }
+    attn::simd::stream_fence();
   });
 }
 

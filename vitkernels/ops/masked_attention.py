@@ -19,7 +19,8 @@ The public ops are composites over *_fwd ops whose extra outputs autograd saves 
              the backward needs: parts [2, B, H, W, heads, dv] = [A_h y_w, A_w y_h], mids = [y_w, y_h]
              = [A_w v, A_h v] (q's dtype) and lse [2, B, H, W, heads] fp32 (row, column softmax). Its
              backward is four calls of the one-axis primitive's axial_attention_bwd, the chain rule
-             through the two chained attentions of each half.
+             through the two chained attentions of each half. When no gradient is wanted the public
+             op passes save_for_backward=False: parts and mids come back empty and only out is stored.
   gaussian   lse [B, H, W, heads].
   reduced    lse [B, Nq, heads].
 """
@@ -187,35 +188,47 @@ torch.library.register_autograd("vitk::polyline_attention_fwd", _pfwd_backward, 
 
 
 # ---------------------------------------------------------------- axial decay (PPMA chunk)
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _axial_decay_attention(q, k, v, log_alpha, log_beta, scale=None):
-    return torch.ops.vitk.axial_decay_attention_fwd(q, k, v, log_alpha, log_beta, _scale(q, scale))[0]
+    # Inference skips the four saved tensors: the kernel then stores only the output.
+    save = _wants_grad(q, k, v, log_alpha, log_beta)
+    return torch.ops.vitk.axial_decay_attention_fwd(q, k, v, log_alpha, log_beta, _scale(q, scale), save)[0]
 
 
 torch.library.impl("vitk::axial_decay_attention", "CompositeImplicitAutograd")(_axial_decay_attention)
 
 
-def _adfwd_fake(q, k, v, log_alpha, log_beta, scale):
+def _adfwd_fake(q, k, v, log_alpha, log_beta, scale, save_for_backward=True):
     _check_polyline(q, k, v, log_alpha, log_beta)
-    halves = q.new_empty((2, *q.shape[:-1], v.shape[-1]))
+    halves = q.new_empty((2, *q.shape[:-1], v.shape[-1]) if save_for_backward else (0,))
     return _image_out(q, v), halves, q.new_empty(halves.shape), _lse(q, 2)
 
 
-def _adfwd_router(q, k, v, log_alpha, log_beta, scale):
+def _adfwd_router(q, k, v, log_alpha, log_beta, scale, save_for_backward=True):
     _check_polyline(q, k, v, log_alpha, log_beta)
-    return _route("axial_decay_attention_fwd", q)(q, k, v, log_alpha, log_beta, float(scale))
+    return _route("axial_decay_attention_fwd", q)(q, k, v, log_alpha, log_beta, float(scale),
+                                                  bool(save_for_backward))
 
 
 def _adfwd_setup(ctx, inputs, output):
-    q, k, v, log_alpha, log_beta, scale = inputs
+    q, k, v, log_alpha, log_beta, scale, save = inputs
     _, parts, mids, lse = output
     ctx.save_for_backward(q, k, v, log_alpha, log_beta, parts, mids, lse)
     ctx.scale = scale
+    ctx.saved_halves = save
     ctx.mark_non_differentiable(lse)
 
 
 def _adfwd_backward(ctx, grad_out, grad_parts, grad_mids, grad_lse):
     """The chain rule through o_wh = C(y_w), y_w = R(v) and o_hw = R(y_h), y_h = C(v) (R: attention
     along rows with log_alpha, axis 2; C: along columns with log_beta, axis 1)."""
+    if not ctx.saved_halves:
+        raise RuntimeError("axial_decay_attention_fwd: called with save_for_backward=False, so its backward has "
+                           "none of the intermediate results it needs; call it with save_for_backward=True "
+                           "when a gradient is wanted")
     q, k, v, log_alpha, log_beta, parts, mids, lse = ctx.saved_tensors
     s = ctx.scale
     want_a, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -231,7 +244,7 @@ def _adfwd_backward(ctx, grad_out, grad_parts, grad_mids, grad_lse):
     dq4, dk4, dv4, db2 = bwd(dyh, q, k, v, log_beta, mids[1], lse[1], 1, s, want_b)
     dq = dq + dq2 + dq3 + dq4
     dk = dk + dk2 + dk3 + dk4
-    return (dq, dk, dv + dv4, da + da2 if want_a else None, db + db2 if want_b else None, None)
+    return (dq, dk, dv + dv4, da + da2 if want_a else None, db + db2 if want_b else None, None, None)
 
 
 torch.library.register_autograd("vitk::axial_decay_attention_fwd", _adfwd_backward, setup_context=_adfwd_setup)

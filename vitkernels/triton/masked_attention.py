@@ -10,7 +10,7 @@ arguments and results are exactly those of the op layer's fake kernels:
     axial_attention_fwd(q, k, v, log_decay, axis, scale) -> (out, lse)
     axial_attention_bwd(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad)
         -> (dq, dk, dv, dlog_decay)
-    axial_decay_attention_fwd(q, k, v, log_alpha, log_beta, scale) -> (out, parts, mids, lse)
+    axial_decay_attention_fwd(q, k, v, log_alpha, log_beta, scale, save_for_backward) -> (out, parts, mids, lse)
     gaussian_mask_attention_fwd(q, k, v, mix_weight, mix_sigma, scale) -> (out, lse)
     gaussian_mask_attention_bwd(grad_out, q, k, v, mix_weight, mix_sigma, out, lse, scale, mix_grad)
         -> (dq, dk, dv, dmix_weight, dmix_sigma)
@@ -199,23 +199,31 @@ def axial_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
 
 
 def axial_decay_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                              log_beta: torch.Tensor, scale: float):
+                              log_beta: torch.Tensor, scale: float, save_for_backward: bool = True):
     """PPMA's criss-cross form 0.5 A_h(A_w v) + 0.5 A_w(A_h v) as four launches of the one-axis kernel,
     each one fused attention; (out, parts = [A_h y_w, A_w y_h], mids = [y_w, y_h], lse = [rows, columns]).
-    The second launch along an axis recomputes that axis's softmax, so it writes the same lse again."""
+    The second launch along an axis recomputes that axis's softmax, so it writes the same lse again.
+    Without save_for_backward the returned parts and mids are empty (the launches still need them)."""
     B, H, W, heads, _ = q.shape
     dv = v.shape[-1]
     parts = torch.empty((2, B, H, W, heads, dv), dtype=q.dtype, device=q.device)
     mids = torch.empty_like(parts)
     lse = torch.empty((2, B, H, W, heads), dtype=torch.float32, device=q.device)
     if parts.numel() == 0:
-        return parts[0].clone(), parts, mids, lse
+        out = parts[0].clone()
+    else:
+        _criss_cross_into(q, k, v, log_alpha, log_beta, scale, parts, mids, lse)
+        out = torch.add(parts[0], parts[1]).mul_(0.5)
+    if not save_for_backward:
+        parts, mids = parts.new_empty((0,)), mids.new_empty((0,))
+    return out, parts, mids, lse
+
+
+def _criss_cross_into(q, k, v, log_alpha, log_beta, scale, parts, mids, lse):
     _axial_fwd_into(q, k, v, log_alpha, 2, scale, mids[0], lse[0])
     _axial_fwd_into(q, k, v, log_beta, 1, scale, mids[1], lse[1])
     _axial_fwd_into(q, k, mids[0], log_beta, 1, scale, parts[0], lse[1])
     _axial_fwd_into(q, k, mids[1], log_alpha, 2, scale, parts[1], lse[0])
-    out = torch.add(parts[0], parts[1]).mul_(0.5)
-    return out, parts, mids, lse
 
 
 def axial_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

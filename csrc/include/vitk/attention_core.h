@@ -292,6 +292,32 @@ inline void add2_padded(float* __restrict dst, const float* __restrict a, const 
 #endif
 }
 
+// Final fp32 output rows (megabytes per call, read by the next layer, not by this kernel): stored
+// around the caches with whole-line streaming stores when the row is whole vectors on a 64-byte
+// boundary, so they cost no read-for-ownership of the destination lines, which were the hottest
+// instructions of the axial and reduced forwards. dst[j] = src[j] * mult, j < n. A worker that
+// streamed calls stream_fence() before it ends, so the rows are visible once the region joins.
+inline void stream_row(float* __restrict dst, const float* __restrict src, int64_t n, float mult = 1.f) {
+#ifdef __AVX512F__
+  const vf m = set1(mult);
+  if (n % kLanes == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t j = 0; j < n; j += kLanes) _mm512_stream_ps(dst + j, mul(load(src + j), m));
+    return;
+  }
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const __mmask16 t = tail_mask(n - j);
+    _mm512_mask_storeu_ps(dst + j, t, mul(_mm512_maskz_loadu_ps(t, src + j), m));
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * mult;
+#endif
+}
+inline void stream_fence() {
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+}
+
 }  // namespace simd
 
 // ------------------------------------------------------------------------------ micro-kernels

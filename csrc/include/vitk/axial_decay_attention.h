@@ -20,9 +20,10 @@ namespace cpu {
 //   lse   fp32 [2, B, H, W, heads] log-sum-exp of the row softmax (A_w) and of the column softmax (A_h)
 // so that the backward is four calls of axial_attention_bwd: (o_wh; axis 1, lse[1], v = y_w),
 // (o_hw; axis 2, lse[0], v = y_h), (y_w; axis 2, lse[0], v), (y_h; axis 1, lse[1], v).
+// Without save_for_backward, parts and mids are empty [0] tensors and only out and lse are written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
-    const at::Tensor& log_beta, double scale);
+    const at::Tensor& log_beta, double scale, bool save_for_backward);
 
 }  // namespace cpu
 }  // namespace vitk
