@@ -40,8 +40,9 @@ TORCH_LIBRARY(vitk, m) {
   m.def("polyline_attention(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, float? scale=None, "
         "bool symmetric=True) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // Without save_for_backward (no gradient wanted) parts comes back empty and is not stored.
   m.def("polyline_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, float scale, "
-        "bool symmetric) -> (Tensor out, Tensor lse, Tensor parts)",
+        "bool symmetric, bool save_for_backward=True) -> (Tensor out, Tensor lse, Tensor parts)",
         {at::Tag::pt2_compliant_tag});
   m.def("polyline_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, "
         "Tensor out, Tensor parts, Tensor lse, float scale, bool symmetric, bool decay_grad) "

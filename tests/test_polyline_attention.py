@@ -280,11 +280,42 @@ def test_polyline_opcheck(symmetric):
     args = [t.detach().requires_grad_(True) for t in (q, k, v, la, lb)]
     torch.library.opcheck(torch.ops.vitk.polyline_attention_fwd.default, (*args, 0.3, symmetric))
     torch.library.opcheck(torch.ops.vitk.polyline_attention.default, (q, k, v, la, lb, None, symmetric))
+    torch.library.opcheck(torch.ops.vitk.polyline_attention_fwd.default, (q, k, v, la, lb, 0.3, symmetric, False))
     out, lse, parts = torch.ops.vitk.polyline_attention_fwd(q, k, v, la, lb, 0.3, symmetric)
     go = torch.randn_like(out)
     torch.library.opcheck(torch.ops.vitk.polyline_attention_bwd.default,
                           (go, q, k, v, la, lb, out, parts, lse, 0.3, symmetric, True))
 
+
+
+@pytest.mark.parametrize("backend,device", PFWD)
+@pytest.mark.parametrize("grid", [(5, 7), (17, 16)], ids=["one-tile", "key-tiles"])
+@SYM
+def test_polyline_inference_stores_only_out(backend, device, grid, symmetric, run_on):
+    """Without save_for_backward: the same out and lse, bit for bit, and an empty parts, on both
+    sides of the single key tile (past it the CPU kernel still needs the halves internally)."""
+    H, W = grid if backend != "triton" or device != "cpu" else (3, 4)
+    q, k, v = _packed_qkv(1, H, W, 2, 8, torch.float32, device, dv=16)
+    la, lb = _decays(1, H, W, 2, "range", device)
+    full = run_on(backend, torch.ops.vitk.polyline_attention_fwd, q, k, v, la, lb, 0.4, symmetric, True)
+    lean = run_on(backend, torch.ops.vitk.polyline_attention_fwd, q, k, v, la, lb, 0.4, symmetric, False)
+    assert lean[2].shape == (0,)
+    assert torch.equal(lean[0], full[0]) and torch.equal(lean[1], full[1])
+
+
+def test_polyline_public_op_saves_only_when_grad_is_wanted():
+    q, k, v = _packed_qkv(1, 4, 6, 2, 8, torch.float32)
+    la, lb = _decays(1, 4, 6, 2, "range")
+    with torch.no_grad():
+        lean = torch.ops.vitk.polyline_attention(q, k, v, la, lb)
+    lb.requires_grad_(True)
+    out = torch.ops.vitk.polyline_attention(q, k, v, la, lb)
+    assert torch.equal(out.detach(), lean)
+    out.sum().backward()
+    assert lb.grad is not None and torch.isfinite(lb.grad).all()
+    out = torch.ops.vitk.polyline_attention_fwd(q, k, v, la, lb, 0.3, True, False)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
 
 BAD = [
     (dict(la=lambda q: torch.randn(q.shape[:3])), "log_alpha"),
@@ -315,10 +346,10 @@ def test_polyline_cpu_kernel_checks_its_arguments():
     la, lb = _decays(1, 4, 5, 2, "range")
     C = vitkernels._C
     with pytest.raises(RuntimeError, match="^log_alpha:"):
-        C.polyline_attention_fwd_cpu(q, k, v, la[..., :1], lb, 0.3, True)
+        C.polyline_attention_fwd_cpu(q, k, v, la[..., :1], lb, 0.3, True, True)
     with pytest.raises(RuntimeError, match="^log_beta:"):
-        C.polyline_attention_fwd_cpu(q, k, v, la, lb.to(torch.int64), 0.3, True)
-    out, lse, parts = C.polyline_attention_fwd_cpu(q, k, v, la, lb, 0.3, True)
+        C.polyline_attention_fwd_cpu(q, k, v, la, lb.to(torch.int64), 0.3, True, True)
+    out, lse, parts = C.polyline_attention_fwd_cpu(q, k, v, la, lb, 0.3, True, True)
     with pytest.raises(RuntimeError, match="^lse:"):
         C.polyline_attention_bwd_cpu(out, q, k, v, la, lb, out, parts, lse[:1], 0.3, True, True)
     with pytest.raises(RuntimeError, match="^parts:"):

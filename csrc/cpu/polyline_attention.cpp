@@ -670,8 +670,9 @@ void polyline_sym_fwd(const Geom& g, const TokenView<T>& qv, const TokenView<T>&
   const int64_t ldq = dqk, ldkt = pad_lanes(N), ldv = pad_lanes(dv), lds = pad_lanes(N);
   const int64_t bm_max = attn::query_block(N);
   const int64_t rows_all = g.B * N * nh;
-  T* p0 = parts.data_ptr<T>();
-  T* p1 = p0 + rows_all * dv;
+  // An empty parts: no gradient wanted, only out is stored.
+  T* p0 = parts.numel() > 0 ? parts.data_ptr<T>() : nullptr;
+  T* p1 = p0 != nullptr ? p0 + rows_all * dv : nullptr;
   T* op = out.data_ptr<T>();
   float* l0 = lse.data_ptr<float>();
   float* l1 = l0 + rows_all;
@@ -729,16 +730,21 @@ void polyline_sym_fwd(const Geom& g, const TokenView<T>& qv, const TokenView<T>&
         const int64_t row = (t.b * N + q0 + i) * nh + t.h;
         const float inv0 = sum0[i] > 0.f ? 1.f / sum0[i] : 0.f;
         const float inv1 = sum1[i] > 0.f ? 1.f / sum1[i] : 0.f;
-        const float* a0 = o0 + i * ldv;
-        const float* a1 = o1 + i * ldv;
-        T* d0 = p0 + row * dv;
-        T* d1 = p1 + row * dv;
+        // Each half normalized in place first, so out is the same average of the same two rounded
+        // rows whether or not the halves are stored.
+        float* a0 = o0 + i * ldv;
+        float* a1 = o1 + i * ldv;
+        attn::simd::row_scale(a0, dv, inv0);
+        attn::simd::row_scale(a1, dv, inv1);
         T* dout = op + row * dv;
-        for (int64_t d = 0; d < dv; ++d) {
-          const float x0 = a0[d] * inv0, x1 = a1[d] * inv1;
-          d0[d] = static_cast<T>(x0);
-          d1[d] = static_cast<T>(x1);
-          dout[d] = static_cast<T>(0.5f * (x0 + x1));
+        for (int64_t d = 0; d < dv; ++d) dout[d] = static_cast<T>(0.5f * (a0[d] + a1[d]));
+        if (p0 != nullptr) {
+          T* d0 = p0 + row * dv;
+          T* d1 = p1 + row * dv;
+          for (int64_t d = 0; d < dv; ++d) {
+            d0[d] = static_cast<T>(a0[d]);
+            d1[d] = static_cast<T>(a1[d]);
+          }
         }
         l0[row] = sum0[i] > 0.f ? max0[i] + std::log(sum0[i]) : attn::kNegInf;
         l1[row] = sum1[i] > 0.f ? max1[i] + std::log(sum1[i]) : attn::kNegInf;
@@ -1235,7 +1241,7 @@ void check_polyline_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                                       const at::Tensor& v, const at::Tensor& log_alpha,
                                                                       const at::Tensor& log_beta, double scale,
-                                                                      bool symmetric) {
+                                                                      bool symmetric, bool save_for_backward) {
   check_polyline_args(q, k, v, log_alpha, log_beta);
   const int64_t P = symmetric ? 2 : 1;
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
@@ -1246,13 +1252,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd(const at::
   at::Tensor lse = at::empty(lshape, q.options().dtype(at::kFloat));
   std::vector<int64_t> pshape{2};
   pshape.insert(pshape.end(), oshape.begin(), oshape.end());
-  at::Tensor parts = symmetric ? at::empty(pshape, q.options()) : at::empty({0}, q.options());
-  if (out.numel() == 0) return {out, lse, parts};
+  const bool saved = symmetric && save_for_backward;
+  const std::vector<int64_t> none{0};
+  if (out.numel() == 0) return {out, lse, at::empty(saved ? pshape : none, q.options())};
   const Geom g = make_geom(q, v, symmetric);
+  // The multi-tile symmetric path averages the two passes afterwards, so it needs parts anyway.
+  const bool stored = saved || (symmetric && !fused_symmetric(g));
+  at::Tensor parts = at::empty(stored ? pshape : none, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "polyline_attention_fwd", [&] {
     polyline_fwd_impl<scalar_t>(g, q, k, v, log_alpha, log_beta, static_cast<float>(scale), out, lse, parts);
   });
-  return {out, lse, parts};
+  return {out, lse, saved ? parts : at::empty(none, q.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> polyline_attention_bwd(

@@ -136,23 +136,32 @@ def _route(op, q):
 
 
 # ---------------------------------------------------------------- polyline (PPMA whole, RMT)
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _polyline_attention(q, k, v, log_alpha, log_beta, scale=None, symmetric=True):
-    out, _, _ = torch.ops.vitk.polyline_attention_fwd(q, k, v, log_alpha, log_beta, _scale(q, scale), bool(symmetric))
+    # Inference skips the saved halves of the symmetric form: the kernel then stores only the output.
+    save = _wants_grad(q, k, v, log_alpha, log_beta)
+    out, _, _ = torch.ops.vitk.polyline_attention_fwd(q, k, v, log_alpha, log_beta, _scale(q, scale), bool(symmetric),
+                                                      save)
     return out
 
 
 torch.library.impl("vitk::polyline_attention", "CompositeImplicitAutograd")(_polyline_attention)
 
 
-def _pfwd_fake(q, k, v, log_alpha, log_beta, scale, symmetric):
+def _pfwd_fake(q, k, v, log_alpha, log_beta, scale, symmetric, save_for_backward=True):
     _check_polyline(q, k, v, log_alpha, log_beta)
-    parts = q.new_empty((2, *q.shape[:-1], v.shape[-1])) if symmetric else q.new_empty((0,))
+    saved = symmetric and save_for_backward
+    parts = q.new_empty((2, *q.shape[:-1], v.shape[-1])) if saved else q.new_empty((0,))
     return _image_out(q, v), _lse(q, 2 if symmetric else 1), parts
 
 
-def _pfwd_router(q, k, v, log_alpha, log_beta, scale, symmetric):
+def _pfwd_router(q, k, v, log_alpha, log_beta, scale, symmetric, save_for_backward=True):
     _check_polyline(q, k, v, log_alpha, log_beta)
-    return _route("polyline_attention_fwd", q)(q, k, v, log_alpha, log_beta, float(scale), bool(symmetric))
+    return _route("polyline_attention_fwd", q)(q, k, v, log_alpha, log_beta, float(scale), bool(symmetric),
+                                               bool(save_for_backward))
 
 
 def _pbwd_fake(grad_out, q, k, v, log_alpha, log_beta, out, parts, lse, scale, symmetric, decay_grad):
@@ -168,30 +177,35 @@ def _pbwd_router(grad_out, q, k, v, log_alpha, log_beta, out, parts, lse, scale,
 
 
 def _pfwd_setup(ctx, inputs, output):
-    q, k, v, log_alpha, log_beta, scale, symmetric = inputs
+    q, k, v, log_alpha, log_beta, scale, symmetric, save = inputs
     out, lse, parts = output
     ctx.save_for_backward(q, k, v, log_alpha, log_beta, out, parts, lse)
     ctx.args = (scale, symmetric)
+    ctx.lean = symmetric and not save
+
+
+def _refuse_lean(ctx, op):
+    if ctx.lean:
+        raise RuntimeError(f"{op}: called with save_for_backward=False, so its backward has none of the "
+                           "intermediate results it needs; call it with save_for_backward=True when a gradient "
+                           "is wanted")
 
 
 def _pfwd_backward(ctx, grad_out, grad_lse, grad_parts):
+    _refuse_lean(ctx, "polyline_attention_fwd")
     q, k, v, log_alpha, log_beta, out, parts, lse = ctx.saved_tensors
     scale, symmetric = ctx.args
     decay_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
     dq, dk, dv, da, db = torch.ops.vitk.polyline_attention_bwd(grad_out, q, k, v, log_alpha, log_beta, out, parts,
                                                                lse, scale, symmetric, decay_grad)
     return (dq, dk, dv, da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
-            None, None)
+            None, None, None)
 
 
 torch.library.register_autograd("vitk::polyline_attention_fwd", _pfwd_backward, setup_context=_pfwd_setup)
 
 
 # ---------------------------------------------------------------- axial decay (PPMA chunk)
-def _wants_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _axial_decay_attention(q, k, v, log_alpha, log_beta, scale=None):
     # Inference skips the four saved tensors: the kernel then stores only the output.
     save = _wants_grad(q, k, v, log_alpha, log_beta)
@@ -218,17 +232,14 @@ def _adfwd_setup(ctx, inputs, output):
     _, parts, mids, lse = output
     ctx.save_for_backward(q, k, v, log_alpha, log_beta, parts, mids, lse)
     ctx.scale = scale
-    ctx.saved_halves = save
+    ctx.lean = not save
     ctx.mark_non_differentiable(lse)
 
 
 def _adfwd_backward(ctx, grad_out, grad_parts, grad_mids, grad_lse):
     """The chain rule through o_wh = C(y_w), y_w = R(v) and o_hw = R(y_h), y_h = C(v) (R: attention
     along rows with log_alpha, axis 2; C: along columns with log_beta, axis 1)."""
-    if not ctx.saved_halves:
-        raise RuntimeError("axial_decay_attention_fwd: called with save_for_backward=False, so its backward has "
-                           "none of the intermediate results it needs; call it with save_for_backward=True "
-                           "when a gradient is wanted")
+    _refuse_lean(ctx, "axial_decay_attention_fwd")
     q, k, v, log_alpha, log_beta, parts, mids, lse = ctx.saved_tensors
     s = ctx.scale
     want_a, want_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]

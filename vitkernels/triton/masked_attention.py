@@ -4,7 +4,7 @@ Gaussian-mixture mask and reduced (PVT / S2AFormer) attention.
 Plain functions called by vitkernels/ops/masked_attention.py after it has validated the arguments;
 arguments and results are exactly those of the op layer's fake kernels:
 
-    polyline_attention_fwd(q, k, v, log_alpha, log_beta, scale, symmetric) -> (out, lse, parts)
+    polyline_attention_fwd(q, k, v, log_alpha, log_beta, scale, symmetric, save_for_backward) -> (out, lse, parts)
     polyline_attention_bwd(grad_out, q, k, v, log_alpha, log_beta, out, parts, lse, scale, symmetric,
                            decay_grad) -> (dq, dk, dv, dlog_alpha, dlog_beta)
     axial_attention_fwd(q, k, v, log_decay, axis, scale) -> (out, lse)
@@ -90,9 +90,10 @@ def _polyline_modifier(A, C, H, W, transpose):
 
 
 def polyline_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                           log_beta: torch.Tensor, scale: float, symmetric: bool):
+                           log_beta: torch.Tensor, scale: float, symmetric: bool, save_for_backward: bool = True):
     """(out [B, H, W, heads, dv], lse [P, B, H, W, heads] fp32, parts [2, B, H, W, heads, dv] or empty),
-    P = 2 with symmetric. out = (parts[0] + parts[1]) / 2 with symmetric."""
+    P = 2 with symmetric. out = (parts[0] + parts[1]) / 2 with symmetric. Without save_for_backward
+    parts comes back empty (the two launches still write it)."""
     B, H, W, heads, _ = q.shape
     dv = v.shape[-1]
     P = 2 if symmetric else 1
@@ -100,7 +101,7 @@ def polyline_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     lse = torch.empty((P, B, H, W, heads), dtype=torch.float32, device=q.device)
     parts = (torch.empty((2, B, H, W, heads, dv), dtype=q.dtype, device=q.device) if symmetric else _empty(q))
     if out.numel() == 0:
-        return out, lse, parts
+        return out, lse, parts if save_for_backward else _empty(q)
     A, C = _polyline_tables(log_alpha, log_beta)
     for p in range(P):
         o = parts[p] if symmetric else out
@@ -110,6 +111,8 @@ def polyline_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
                                _polyline_modifier(A, C, H, W, p == 1))
     if symmetric:
         out.copy_((parts[0].float() + parts[1].float()) * 0.5)
+    if not save_for_backward:
+        parts = _empty(q)
     return out, lse, parts
 
 

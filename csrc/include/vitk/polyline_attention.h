@@ -16,11 +16,12 @@ namespace cpu {
 // [B, H, W, heads], any float dtype and any strides (zero strides for a broadcast per-head decay).
 // Returns (out [B, H, W, heads, dv] in q's dtype, lse fp32 [P, B, H, W, heads], parts), P = 2 when
 // symmetric (pass 0 with the mask logM, pass 1 with logM^T); parts [2, B, H, W, heads, dv] holds the
-// two passes' outputs when symmetric (out = (parts[0] + parts[1]) / 2), else it is empty.
+// two passes' outputs when symmetric (out = (parts[0] + parts[1]) / 2), else it is empty. Without
+// save_for_backward parts is always empty, and the one-tile symmetric kernel stores only out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> polyline_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                                       const at::Tensor& v, const at::Tensor& log_alpha,
                                                                       const at::Tensor& log_beta, double scale,
-                                                                      bool symmetric);
+                                                                      bool symmetric, bool save_for_backward);
 
 // Returns (dq, dk, dv, dlog_alpha, dlog_beta), contiguous; the decay gradients in the decays' dtypes
 // and full [B, H, W, heads] shape (deterministic, independent of the thread count), or empty tensors
