@@ -29,3 +29,20 @@ def grads(fn, inputs, grad_out):
     leaves = [t.detach().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
     return torch.autograd.grad(out, leaves, grad_out)
+
+
+def saves_only_when_grad_is_wanted(public, lean_fwd, args, trained):
+    """public(*args) takes the lean path (save_for_backward=False) exactly when no gradient is wanted,
+    with the same output either way; a gradient through lean_fwd(*args)'s output is refused with an
+    error naming save_for_backward. args[trained] is made a leaf that requires grad."""
+    import pytest
+    with torch.no_grad():
+        lean = public(*args)
+    leaf = args[trained].requires_grad_(True)
+    out = public(*args)
+    assert torch.equal(out.detach(), lean)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    out = lean_fwd(*args)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()

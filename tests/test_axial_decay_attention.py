@@ -8,6 +8,7 @@ import vitkernels
 from vitkernels.reference import masked_attention as ref
 
 from attention_checks import TOL, close as _close, grads as _grads, packed_qkv as _packed_qkv  # noqa: F401
+from attention_checks import saves_only_when_grad_is_wanted
 from conftest import backend_params
 
 AFWD = backend_params("axial_attention_fwd")
@@ -337,20 +338,10 @@ def test_axial_fused_inference_stores_only_out(backend, device, dtype, run_on):
 
 
 def test_axial_public_op_saves_only_when_grad_is_wanted():
-    """The public op takes the lean path exactly when no gradient is wanted, with the same output
-    either way, and a gradient through a lean call is refused with a clear error."""
     q, k, v = _packed_qkv(1, 4, 6, 2, 8, torch.float32)
-    la, lb = _decay(1, 4, 6, 2, "range"), _decay(1, 4, 6, 2, "range")
-    with torch.no_grad():
-        lean = torch.ops.vitk.axial_decay_attention(q, k, v, la, lb)
-    la.requires_grad_(True)
-    out = torch.ops.vitk.axial_decay_attention(q, k, v, la, lb)
-    assert torch.equal(out.detach(), lean)
-    out.sum().backward()
-    assert la.grad is not None and torch.isfinite(la.grad).all()
-    out = torch.ops.vitk.axial_decay_attention_fwd(q, k, v, la, lb, 0.3, False)[0]
-    with pytest.raises(RuntimeError, match="save_for_backward=False"):
-        out.sum().backward()
+    lean_fwd = lambda *a: torch.ops.vitk.axial_decay_attention_fwd(*a, 0.3, False)  # noqa: E731
+    saves_only_when_grad_is_wanted(torch.ops.vitk.axial_decay_attention, lean_fwd,
+                                   (q, k, v, _decay(1, 4, 6, 2, "range"), _decay(1, 4, 6, 2, "range")), trained=3)
 
 
 def test_axial_fused_empty_and_bad_input():

@@ -7,6 +7,7 @@ import vitkernels
 from vitkernels.reference import masked_attention as ref
 
 from attention_checks import TOL, close as _close, grads as _grads, packed_qkv as _packed_qkv  # noqa: F401
+from attention_checks import saves_only_when_grad_is_wanted
 from conftest import backend_params
 
 PFWD = backend_params("polyline_attention_fwd")
@@ -305,17 +306,10 @@ def test_polyline_inference_stores_only_out(backend, device, grid, symmetric, ru
 
 def test_polyline_public_op_saves_only_when_grad_is_wanted():
     q, k, v = _packed_qkv(1, 4, 6, 2, 8, torch.float32)
-    la, lb = _decays(1, 4, 6, 2, "range")
-    with torch.no_grad():
-        lean = torch.ops.vitk.polyline_attention(q, k, v, la, lb)
-    lb.requires_grad_(True)
-    out = torch.ops.vitk.polyline_attention(q, k, v, la, lb)
-    assert torch.equal(out.detach(), lean)
-    out.sum().backward()
-    assert lb.grad is not None and torch.isfinite(lb.grad).all()
-    out = torch.ops.vitk.polyline_attention_fwd(q, k, v, la, lb, 0.3, True, False)[0]
-    with pytest.raises(RuntimeError, match="save_for_backward=False"):
-        out.sum().backward()
+    lean_fwd = lambda *a: torch.ops.vitk.polyline_attention_fwd(*a, 0.3, True, False)  # noqa: E731
+    saves_only_when_grad_is_wanted(torch.ops.vitk.polyline_attention, lean_fwd,
+                                   (q, k, v, *_decays(1, 4, 6, 2, "range")), trained=4)
+
 
 BAD = [
     (dict(la=lambda q: torch.randn(q.shape[:3])), "log_alpha"),
