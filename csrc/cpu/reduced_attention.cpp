@@ -52,10 +52,12 @@ constexpr int64_t kShortKeys = 128;
 // so every reduction over keys runs down the rows with the queries in the lanes. Rows are the outer
 // loop (a stream through the tile); the per-column state (ncols floats) stays in L1.
 
-// The softmax of each column c < ncols (ncols a multiple of 16): st becomes the normalized
-// probabilities, and lse[c] = max + log(sum) for c < len. m and l: scratch of ncols floats.
+// The softmax of each column c < ncols (ncols a multiple of 16), unnormalized: st becomes
+// exp(s - max), lse[c] = max + log(sum) for c < len, and inv[c] = 1 / sum, which the caller applies
+// to the output rows as it stores them (one pass over the tile fewer). m: scratch of ncols floats.
 inline void column_softmax(float* st, int64_t nk, int64_t ld, int64_t ncols, int64_t len, float* lse, float* m,
-                           float* l, attn::PrefetchQueue& pq) {
+                           float* inv, attn::PrefetchQueue& pq) {
+  float* l = inv;
   std::copy(st, st + ncols, m);
   for (int64_t r = 1; r < nk; ++r) {
     const float* row = st + r * ld;
@@ -82,10 +84,6 @@ inline void column_softmax(float* st, int64_t nk, int64_t ld, int64_t ncols, int
   }
   for (int64_t c = 0; c < len; ++c) lse[c] = m[c] + std::log(l[c]);
   for (int64_t c = 0; c < ncols; ++c) l[c] = 1.f / l[c];
-  for (int64_t r = 0; r < nk; ++r) {
-    float* row = st + r * ld;
-    for (int64_t c = 0; c < ncols; ++c) row[c] *= l[c];
-  }
 }
 
 // st = exp(st - lse[c]): the probabilities again, from the saved log-sum-exp (+inf in a column
@@ -165,14 +163,15 @@ std::vector<Task> make_tasks(const Shape& sh, int64_t chunk, int64_t& pieces) {
 // Rows [r) of a contiguous [B, N, heads, d] output, from packed rows starting at local row 0.
 template <typename T>
 void store_rows(T* dst, int64_t N, int64_t nh, int64_t b, int64_t h, Range r, const float* src, int64_t ld,
-                int64_t d, float mult) {
+                int64_t d, float mult, const float* row_mult = nullptr) {
   for (int64_t i = r.begin; i < r.end; ++i) {
     T* o = dst + ((b * N + i) * nh + h) * d;
     const float* sr = src + (i - r.begin) * ld;
+    const float m = row_mult != nullptr ? mult * row_mult[i - r.begin] : mult;
     if constexpr (std::is_same_v<T, float>) {
-      attn::simd::stream_row(o, sr, d, mult);
+      attn::simd::stream_row(o, sr, d, m);
     } else {
-      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<T>(sr[e] * mult);
+      for (int64_t e = 0; e < d; ++e) o[e] = static_cast<T>(sr[e] * m);
     }
   }
 }
@@ -261,10 +260,10 @@ void reduced_fwd_impl(const Shape& sh, const at::Tensor& q, const at::Tensor& k,
           const int64_t ldc = pad_lanes(len);
           attn::pack_cols<T>(len, dqk, qv.s[3], chunk_row, qs, ldc);
           attn::gemm<false, false>(Nk, ldc, dqk, kss, dqk, qs, ldc, sts, ldc);
-          column_softmax(sts, Nk, ldc, ldc, len, ls, colm, coll, pq);
+          column_softmax(sts, Nk, ldc, ldc, len, ls, colm, coll, pq);  // coll: 1 / sum
           attn::gemm<false, true>(len, ldv, Nk, sts, ldc, vs, ldv, os, ldv);
           pq.drain();
-          store_rows(op, sh.Nq, nh, t.b, t.h, Range{t.begin, t.end}, os, ldv, dv, 1.f);
+          store_rows(op, sh.Nq, nh, t.b, t.h, Range{t.begin, t.end}, os, ldv, dv, 1.f, coll);
           for (int64_t i = 0; i < len; ++i) lp[(t.b * sh.Nq + t.begin + i) * nh + t.h] = ls[i];
           continue;
         }
