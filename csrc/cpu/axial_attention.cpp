@@ -37,10 +37,8 @@ namespace {
 
 using attn::Buffer;
 using attn::pad_lanes;
-using decay::TokenView;
 
-struct AxialGeom {
-  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0;
+struct AxialGeom : ImageDims {
   int64_t axis = 2;
   int64_t L = 0;  // tokens per line
   int64_t G = 0;  // lines per image
@@ -52,12 +50,7 @@ struct AxialGeom {
 
 AxialGeom make_geom(const at::Tensor& q, const at::Tensor& v, int64_t axis) {
   AxialGeom g;
-  g.B = q.size(0);
-  g.H = q.size(1);
-  g.W = q.size(2);
-  g.nh = q.size(3);
-  g.dqk = q.size(4);
-  g.dv = v.size(4);
+  static_cast<ImageDims&>(g) = image_dims(q, v);
   g.axis = axis;
   g.L = axis == 2 ? g.W : g.H;
   g.G = axis == 2 ? g.H : g.W;
@@ -174,7 +167,7 @@ struct AxialModifier {
 
 void check_axial_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ld,
                       int64_t axis) {
-  decay::check_qkv(q, k, v);
+  check_image_qkv(q, k, v);
   decay::check_decay(ld, "log_decay", q);
   TORCH_CHECK(axis == 1 || axis == 2, "axis: expected 1 (attention along H, within columns) or 2 (along W, within "
               "rows), got ", axis);
@@ -203,9 +196,7 @@ void queue_task(attn::PrefetchQueue& pq, const AxialGeom& g, const TaskIndex& ti
 
 template <class Body>
 void run_problems(const AxialGeom& g, Body&& body) {
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), g.tasks);
-  attn::TaskSource source(g.tasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(source); });
+  attn::run_workers(g.tasks, [&](attn::TaskSource& source) { body(source); });
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -380,9 +371,6 @@ void axial_bwd_impl(const AxialGeom& g, const at::Tensor& go, const at::Tensor& 
 // the two families of probabilities has to be kept until the end: the rows' (aw, H x W x pad(W)),
 // while the columns' are used as soon as they are computed. Scratch per task is O(N (H + W)).
 
-struct FusedGeom {
-  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0;
-};
 
 // Probabilities of one line in place: s [L][lds] holds the logits on entry; lse[t * lse_step] gets
 // each row's log-sum-exp. Whole rows at once: a line is at most a few hundred keys.
@@ -429,7 +417,7 @@ struct FusedScratch {
 };
 
 template <typename T>
-void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+void axial_decay_fwd_impl(const ImageDims& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& la, const at::Tensor& lb, float scale, at::Tensor& out_t,
                           at::Tensor& parts_t, at::Tensor& mids_t, at::Tensor& lse_t, bool save) {
   const TokenView<T> qv(q), kv(k), vv(v);
@@ -442,9 +430,7 @@ void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Ten
   const int64_t half = g.B * N * nh;  // elements per token column of one half of parts / mids / lse
   const decay::PlaneStrides sa(la), sb(lb);
   const int64_t tasks = g.B * nh;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
-  attn::TaskSource source(tasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(tasks, [&](attn::TaskSource& source) {
     // Padding lanes of X's v half and the padding columns of both kt tiles are zeroed once here:
     // packing writes only real data, and every other buffer is written whole by a gemm.
     thread_local FusedScratch sc;
@@ -544,7 +530,6 @@ void axial_decay_fwd_impl(const FusedGeom& g, const at::Tensor& q, const at::Ten
         }
       }
     }
-    attn::simd::stream_fence();
   });
 }
 
@@ -589,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,
     const at::Tensor& log_beta, double scale, bool save_for_backward) {
-  decay::check_qkv(q, k, v);
+  check_image_qkv(q, k, v);
   decay::check_decay(log_alpha, "log_alpha", q);
   decay::check_decay(log_beta, "log_beta", q);
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
@@ -605,13 +590,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention
   at::Tensor mids = at::empty(sshape, q.options());
   at::Tensor lse = at::empty(lshape, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, parts, mids, lse};
-  FusedGeom g;
-  g.B = q.size(0);
-  g.H = q.size(1);
-  g.W = q.size(2);
-  g.nh = q.size(3);
-  g.dqk = q.size(4);
-  g.dv = v.size(4);
+  const ImageDims g = image_dims(q, v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "axial_decay_attention_fwd", [&] {
     axial_decay_fwd_impl<scalar_t>(g, q, k, v, log_alpha, log_beta, static_cast<float>(scale), out, parts, mids,
                                    lse, save_for_backward);

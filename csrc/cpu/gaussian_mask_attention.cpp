@@ -43,6 +43,7 @@
 
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
+#include "vitk/image_layout.h"
 #include "vitk/tiling.h"
 
 namespace vitk {
@@ -59,8 +60,8 @@ constexpr int64_t kTwoPassMaxProblems = 16;
 
 // ------------------------------------------------------------------------------ geometry and mask
 
-struct Geometry {
-  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0, N = 0;
+struct Geometry : ImageDims {
+  int64_t N = 0;
   int64_t TH = 1, LR = 1;        // table rows (2H-1) and row length (2W-1) per head
   std::vector<int32_t> py, px;   // token -> image (y, x)
   std::vector<int64_t> qoff;     // token -> its run offset in the table: (H-1-y) LR + (W-1-x)
@@ -69,12 +70,7 @@ struct Geometry {
 
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& v) {
   Geometry g;
-  g.B = q.size(0);
-  g.H = q.size(1);
-  g.W = q.size(2);
-  g.nh = q.size(3);
-  g.dqk = q.size(4);
-  g.dv = v.size(4);
+  static_cast<ImageDims&>(g) = image_dims(q, v);
   g.N = g.H * g.W;
   g.TH = 2 * g.H - 1;
   g.LR = 2 * g.W - 1;
@@ -281,18 +277,7 @@ void store_rows(T* dst, const Geometry& g, int64_t b, int64_t h, Range r, const 
 
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mix_weight,
                 const at::Tensor& mix_sigma) {
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    check_dtype_in(t, name, {at::kFloat, at::kHalf, at::kBFloat16});
-    check_device_type(t, name, c10::DeviceType::CPU);
-    check_dim_in(t, name, 5, 5);
-  }
-  check_same_dtype(q, "q", k, "k");
-  check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
-              " + [head_dim_v], got ", v.sizes());
-  check_nonempty_dim(q, "q", 4, "head_dim");
-  check_nonempty_dim(v, "v", 4, "head_dim");
+  check_image_qkv(q, k, v);
   for (auto [t, name] :
        {std::pair<const at::Tensor&, const char*>{mix_weight, "mix_weight"}, {mix_sigma, "mix_sigma"}}) {
     check_dtype_in(t, name, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
@@ -318,9 +303,7 @@ void gauss_fwd_impl(const Geometry& g, const std::vector<float>& table, const at
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t h = 0; h < nh; ++h) add_chunks(tasks, b, h, N, kQueryChunk, 1);
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  attn::TaskSource source(ntasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(ntasks, [&](attn::TaskSource& source) {
     Buffer qb, ktb, vb, ob, lb;
     attn::Scratch ws;
     attn::PrefetchQueue pq;
@@ -447,9 +430,7 @@ void gauss_bwd_impl(const Geometry& g, const std::vector<float>& table, const at
       partials.assign(nchunks * part_size, 0.f);
       nchunks_out = nchunks;
     }
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), nchunks);
-    attn::TaskSource source(nchunks, workers);
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    attn::run_workers(nchunks, [&](attn::TaskSource& source) {
       BwdPack pk;
       attn::Scratch ws;
       attn::PrefetchQueue pq;
@@ -587,17 +568,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   check_args(q, k, v, mix_weight, mix_sigma);
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
   oshape[4] = v.size(4);
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_defined(t, name);
-    check_same_device(q, "q", t, name);
-    check_same_dtype(q, "q", t, name);
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(oshape), name, ": expected shape ", at::IntArrayRef(oshape), ", got ",
-                t.sizes());
-  }
-  check_dtype_in(lse, "lse", {at::kFloat});
-  check_same_device(q, "q", lse, "lse");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "lse: expected shape ", q.sizes().slice(0, 4), ", got ",
-              lse.sizes());
+  check_like(grad_out, "grad_out", q, oshape);
+  check_like(out, "out", q, oshape);
+  check_lse_like(lse, q, q.sizes().slice(0, 4));
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), q.options());
   at::Tensor dv = at::empty(oshape, q.options());

@@ -52,7 +52,6 @@ namespace {
 
 using attn::Buffer;
 using attn::pad_lanes;
-using decay::TokenView;
 
 constexpr int64_t kQueryChunk = 256;
 constexpr int64_t kTwoPassMinLen = 512;
@@ -60,8 +59,8 @@ constexpr int64_t kTwoPassMaxProblems = 16;
 
 // ------------------------------------------------------------------------------ geometry
 
-struct Geom {
-  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0, N = 0, P = 1;
+struct Geom : ImageDims {
+  int64_t N = 0, P = 1;
   // Pass p's token t -> image token index i*W + j (pass 0: row-major; pass 1: column-major).
   std::vector<int64_t> order[2];
   int64_t p_cols(int64_t p) const { return p == 0 ? W : H; }  // tokens per row in pass p's geometry
@@ -69,12 +68,7 @@ struct Geom {
 
 Geom make_geom(const at::Tensor& q, const at::Tensor& v, bool symmetric) {
   Geom g;
-  g.B = q.size(0);
-  g.H = q.size(1);
-  g.W = q.size(2);
-  g.nh = q.size(3);
-  g.dqk = q.size(4);
-  g.dv = v.size(4);
+  static_cast<ImageDims&>(g) = image_dims(q, v);
   g.N = g.H * g.W;
   g.P = symmetric ? 2 : 1;
   g.order[0].resize(g.N);
@@ -594,11 +588,7 @@ void add_chunks(std::vector<Task>& tasks, int64_t b, int64_t h, int64_t p, int64
 // next task of the batch or null).
 template <class State, class Body>
 void run_tasks(const std::vector<Task>& tasks, Body&& body) {
-  const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  if (ntasks == 0) return;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  attn::TaskSource source(ntasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(static_cast<int64_t>(tasks.size()), [&](attn::TaskSource& source) {
     State st;
     Range batch;
     while (source.next(batch))
@@ -1231,7 +1221,7 @@ void polyline_bwd_impl(const Geom& g, const BwdInputs<T>& in, const at::Tensor& 
 
 void check_polyline_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& la,
                          const at::Tensor& lb) {
-  decay::check_qkv(q, k, v);
+  check_image_qkv(q, k, v);
   decay::check_decay(la, "log_alpha", q);
   decay::check_decay(lb, "log_beta", q);
 }

@@ -206,10 +206,8 @@ void reduced_fwd_impl(const Shape& sh, const at::Tensor& q, const at::Tensor& k,
   int64_t pieces = 0;
   const std::vector<Task> tasks = make_tasks(sh, kFwdChunk, pieces);
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  attn::TaskSource source(ntasks, workers);
   const bool short_keys = Nk <= kShortKeys;
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(ntasks, [&](attn::TaskSource& source) {
     Buffer qb, ktb, vb, ob, lb, ksb, stb, cmb, clb;
     attn::Scratch ws;
     attn::PrefetchQueue pq;
@@ -277,7 +275,6 @@ void reduced_fwd_impl(const Shape& sh, const at::Tensor& q, const at::Tensor& k,
         for (int64_t i = 0; i < len; ++i) lp[(t.b * sh.Nq + t.begin + i) * nh + t.h] = ls[i];
       }
     }
-    attn::simd::stream_fence();
   });
 }
 
@@ -305,9 +302,7 @@ void reduced_bwd_impl(const Shape& sh, const at::Tensor& go, const at::Tensor& q
   const int64_t slot = Nk * (dqk + dv);  // one chunk's dk rows, then its dv rows, compact
   std::vector<float> partials(ntasks * slot);
   const int64_t maxlen = ceil_div(sh.Nq, pieces);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  attn::TaskSource source(ntasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(ntasks, [&](attn::TaskSource& source) {
     Buffer kb, ktb, vtb, qb, dob, oub, lb, drb, dqb, dkb, dvb, kssb, vrb, qtb, dotb, stb, dpb;
     attn::Scratch ws;
     attn::PrefetchQueue pq;
@@ -420,7 +415,6 @@ void reduced_bwd_impl(const Shape& sh, const at::Tensor& go, const at::Tensor& q
         }
       }
     }
-    attn::simd::stream_fence();
   });
 
   // dk, dv: each problem's chunk partials summed in chunk order.
@@ -463,17 +457,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduced_attention_bwd(const at::T
                                                                      double scale) {
   check_args(q, k, v);
   const std::vector<int64_t> oshape{q.size(0), q.size(1), q.size(2), v.size(3)};
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_defined(t, name);
-    check_same_device(q, "q", t, name);
-    check_same_dtype(q, "q", t, name);
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(oshape), name, ": expected shape ", at::IntArrayRef(oshape), ", got ",
-                t.sizes());
-  }
-  check_dtype_in(lse, "lse", {at::kFloat});
-  check_same_device(q, "q", lse, "lse");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "lse: expected shape ", q.sizes().slice(0, 3), ", got ",
-              lse.sizes());
+  check_like(grad_out, "grad_out", q, oshape);
+  check_like(out, "out", q, oshape);
+  check_lse_like(lse, q, q.sizes().slice(0, 3));
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), q.options());
   at::Tensor dv = at::empty(v.sizes(), q.options());

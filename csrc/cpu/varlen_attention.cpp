@@ -132,9 +132,7 @@ void varlen_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   for (int64_t s = 0; s + 1 < static_cast<int64_t>(off.size()); ++s)
     for (int64_t h = 0; h < nh; ++h) add_chunks(tasks, s, h, off[s + 1] - off[s], kQueryChunk, 1);
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  attn::TaskSource source(ntasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(ntasks, [&](attn::TaskSource& source) {
     Buffer qb, ktb, vb, ob, lb;
     attn::Scratch ws;
     attn::PrefetchQueue pq;
@@ -270,9 +268,7 @@ void varlen_bwd_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor
   // Runs `tasks` with a per-thread pack cache; body(pack, task) does the work.
   auto run = [&](const std::vector<Task>& tasks, auto&& body) {
     const int64_t ntasks = static_cast<int64_t>(tasks.size());
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-    attn::TaskSource source(ntasks, workers);
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    attn::run_workers(ntasks, [&](attn::TaskSource& source) {
       BwdPack pk;
       attn::Scratch ws;
       attn::PrefetchQueue pq;
@@ -380,17 +376,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(const at::Te
                                                                     double scale) {
   check_varlen_args(q, k, v, cu_seqlens, max_seqlen);
   const std::vector<int64_t> oshape{q.size(0), q.size(1), v.size(2)};
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_defined(t, name);
-    check_same_device(q, "q", t, name);
-    check_same_dtype(q, "q", t, name);
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(oshape), name, ": expected shape ", at::IntArrayRef(oshape), ", got ",
-                t.sizes());
-  }
-  check_dtype_in(lse, "lse", {at::kFloat});
-  check_same_device(q, "q", lse, "lse");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 2), "lse: expected shape ", q.sizes().slice(0, 2), ", got ",
-              lse.sizes());
+  check_like(grad_out, "grad_out", q, oshape);
+  check_like(out, "out", q, oshape);
+  check_lse_like(lse, q, q.sizes().slice(0, 2));
   const std::vector<int64_t> off = read_offsets(cu_seqlens, q.size(0), max_seqlen);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), q.options());

@@ -36,6 +36,7 @@
 
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
+#include "vitk/image_layout.h"
 #include "vitk/tiling.h"
 
 namespace vitk {
@@ -53,8 +54,7 @@ constexpr float kShiftMask = -100.f;
 
 // ------------------------------------------------------------------------------ geometry
 
-struct Geometry {
-  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0;
+struct Geometry : ImageDims {
   int64_t wh = 1, ww = 1, sh = 0, sw = 0;
   int64_t N = 1, nWh = 0, nWw = 0, nW = 0, Hp = 0, Wp = 0;
   int64_t TW = 1;                   // 2ww - 1: one row of the bias table
@@ -84,12 +84,7 @@ inline int region(int64_t p, int64_t P, int64_t w, int64_t s) {
 
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& v, int64_t wh, int64_t ww, int64_t sh, int64_t sw) {
   Geometry g;
-  g.B = q.size(0);
-  g.H = q.size(1);
-  g.W = q.size(2);
-  g.nh = q.size(3);
-  g.dqk = q.size(4);
-  g.dv = v.size(4);
+  static_cast<ImageDims&>(g) = image_dims(q, v);
   g.wh = wh;
   g.ww = ww;
   g.sh = sh;
@@ -196,18 +191,13 @@ TaskIndex decode_task(const Geometry& g, int64_t task) {
   return t;
 }
 
-// Element strides of a [B, H, W, heads, d] tensor, and the first element of a token's head row.
+// A token view that also queues a token's head rows for prefetching.
 template <typename T>
-struct View5 {
-  const T* base = nullptr;
-  int64_t s[5] = {0, 0, 0, 0, 0};
+struct View5 : TokenView<T> {
+  using TokenView<T>::s;
+  using TokenView<T>::row;
   int64_t d = 0;
-  explicit View5(const at::Tensor& t) : base(t.data_ptr<T>()), d(t.size(4)) {
-    for (int i = 0; i < 5; ++i) s[i] = t.stride(i);
-  }
-  const T* row(int64_t b, int64_t y, int64_t x, int64_t h) const {
-    return base + b * s[0] + y * s[1] + x * s[2] + h * s[3];
-  }
+  explicit View5(const at::Tensor& t) : TokenView<T>(t), d(t.size(4)) {}
   // Queues the cache lines of heads [h0, h1) of one token: one run when the heads are contiguous.
   void queue(attn::PrefetchQueue& pq, int64_t b, int64_t y, int64_t x, int64_t h0, int64_t h1) const {
     if (s[4] == 1 && s[3] == d) {
@@ -309,18 +299,7 @@ void fold_bias_grad(const Geometry& g, const float* dacc, int64_t LE, float* par
 
 void check_window_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t wh, int64_t ww,
                        int64_t sh, int64_t sw, const c10::optional<at::Tensor>& bias) {
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    check_dtype_in(t, name, {at::kFloat, at::kHalf, at::kBFloat16});
-    check_device_type(t, name, c10::DeviceType::CPU);
-    check_dim_in(t, name, 5, 5);
-  }
-  check_same_dtype(q, "q", k, "k");
-  check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
-              " + [head_dim_v], got ", v.sizes());
-  check_nonempty_dim(q, "q", 4, "head_dim");
-  check_nonempty_dim(v, "v", 4, "head_dim");
+  check_image_qkv(q, k, v);
   TORCH_CHECK(wh >= 1 && ww >= 1, "window_size: expected positive sizes, got (", wh, ", ", ww, ")");
   TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "shift_size: expected 0 <= shift < window per axis, got (",
               sh, ", ", sw, ") for window (", wh, ", ", ww, ")");
@@ -349,9 +328,7 @@ void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k
   float* lp = lse.data_ptr<float>();
   const int64_t N = g.N, dqk = g.dqk, dv = g.dv, nh = g.nh;
   const int64_t ldq = dqk, ldkt = pad_lanes(N), ldv = pad_lanes(dv);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), g.tasks);
-  attn::TaskSource source(g.tasks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(g.tasks, [&](attn::TaskSource& source) {
     Buffer qb, ktb, vb, ob, lb;
     attn::Scratch ws;
     float* qs = qb.grow(N * ldq);
@@ -433,9 +410,7 @@ void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& 
   const int64_t ldq = pad_lanes(dqk), ldkt = pad_lanes(N), ldv = pad_lanes(dv);
   const int64_t TT = (2 * g.wh - 1) * g.TW, LE = bias_row_len(g), AB = g.ww * LE;  // AB: accumulator per head
   const int64_t chunk = bias_chunk(g), chunks = ceil_div(g.tasks, chunk);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
-  attn::TaskSource source(chunks, workers);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  attn::run_workers(chunks, [&](attn::TaskSource& source) {
     Buffer qb, kb, ktb, vtb, dob, oub, lb, drb, dqb, dkb, dvb, dab;
     attn::Scratch ws;
     float* qs = qb.grow(N * ldq);
@@ -558,17 +533,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   check_window_args(q, k, v, wh, ww, sh, sw, rel_pos_bias);
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
   oshape[4] = v.size(4);
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
-    check_defined(t, name);
-    check_same_device(q, "q", t, name);
-    check_same_dtype(q, "q", t, name);
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(oshape), name, ": expected shape ", at::IntArrayRef(oshape), ", got ",
-                t.sizes());
-  }
-  check_dtype_in(lse, "lse", {at::kFloat});
-  check_same_device(q, "q", lse, "lse");
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 4), "lse: expected shape ", q.sizes().slice(0, 4), ", got ",
-              lse.sizes());
+  check_like(grad_out, "grad_out", q, oshape);
+  check_like(out, "out", q, oshape);
+  check_lse_like(lse, q, q.sizes().slice(0, 4));
 
   const bool with_bias = has_bias(rel_pos_bias);
   const bool want_dbias = with_bias && bias_grad;

@@ -54,6 +54,8 @@
 #include <immintrin.h>
 #endif
 
+#include <ATen/Parallel.h>
+
 #include "vitk/tiling.h"
 
 namespace vitk {
@@ -515,6 +517,20 @@ class TaskSource {
   std::atomic<int64_t> next_{0};
   int64_t n_, div_;
 };
+
+// Runs body(source) on at most one worker per thread (none idle for lack of tasks), all pulling
+// batches of [0, ntasks) from one shared TaskSource; each worker fences its streamed stores before
+// it ends, so every output is visible once the region joins.
+template <class Body>
+void run_workers(int64_t ntasks, Body&& body) {
+  if (ntasks <= 0) return;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
+  TaskSource source(ntasks, workers);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    body(source);
+    simd::stream_fence();
+  });
+}
 
 // ------------------------------------------------------------------------------ problems
 

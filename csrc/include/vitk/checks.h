@@ -50,6 +50,21 @@ inline void check_dim_in(const at::Tensor& t, const char* name, int64_t lo, int6
               : std::to_string(lo) + " to " + std::to_string(hi), " dimensions, got shape ", t.sizes());
 }
 
+// A tensor that must match q's device and dtype and have exactly `shape` (a backward's grad_out and out).
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& q, at::IntArrayRef shape) {
+  check_defined(t, name);
+  check_same_device(q, "q", t, name);
+  check_same_dtype(q, "q", t, name);
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+// A forward's saved log-sum-exp: fp32, on q's device, of exactly `shape`.
+inline void check_lse_like(const at::Tensor& lse, const at::Tensor& q, at::IntArrayRef shape) {
+  check_dtype_in(lse, "lse", {at::kFloat});
+  check_same_device(q, "q", lse, "lse");
+  TORCH_CHECK(lse.sizes() == shape, "lse: expected shape ", shape, ", got ", lse.sizes());
+}
+
 inline void check_nonempty_dim(const at::Tensor& t, const char* name, int64_t dim, const char* what) {
   TORCH_CHECK(t.size(dim) > 0, name, ": expected a non-empty ", what, " dimension, got shape ", t.sizes());
 }

@@ -1,8 +1,7 @@
 // Shared pieces of the decay-masked CPU attention kernels (polyline_attention.cpp, PPMA whole / RMT,
-// and axial_attention.cpp, PPMA chunk): strided token views of [B, H, W, heads, d] tensors, reading
-// and writing lines of [B, H, W, heads] decay tensors of any float dtype and any strides (a per-head
-// constant arrives as an expand() with zero strides), the argument checks, and the runs the portable
-// polyline modifier adds along image rows.
+// and axial_attention.cpp, PPMA chunk): reading and writing lines of [B, H, W, heads] decay tensors
+// of any float dtype and any strides (a per-head constant arrives as an expand() with zero strides),
+// the argument checks, and the runs the portable polyline modifier adds along image rows.
 //
 // Decays are read into double and summed into double prefix sums. The masks are differences of
 // those prefix sums, which reach -1700 over 56 steps of -30 while the differences that matter (the
@@ -20,23 +19,11 @@
 
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
+#include "vitk/image_layout.h"
 
 namespace vitk {
 namespace cpu {
 namespace decay {
-
-// Element strides of a [B, H, W, heads, d] tensor and the first element of one token's head row.
-template <typename T>
-struct TokenView {
-  const T* base = nullptr;
-  int64_t s[5] = {0, 0, 0, 0, 0};
-  explicit TokenView(const at::Tensor& t) : base(t.data_ptr<T>()) {
-    for (int i = 0; i < 5; ++i) s[i] = t.stride(i);
-  }
-  const T* row(int64_t b, int64_t y, int64_t x, int64_t h) const {
-    return base + b * s[0] + y * s[1] + x * s[2] + h * s[3];
-  }
-};
 
 // dst[x] = t.flat[offset + x * step] for x < n, as double (t: any float dtype, read in place).
 inline void read_line(const at::Tensor& t, int64_t offset, int64_t step, int64_t n, double* dst) {
@@ -75,21 +62,6 @@ inline void reverse_prefix(const double* dP, int64_t n, double* dx) {
 
 // ------------------------------------------------------------------------------ checks
 
-inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
-    check_dtype_in(t, name, {at::kFloat, at::kHalf, at::kBFloat16});
-    check_device_type(t, name, c10::DeviceType::CPU);
-    check_dim_in(t, name, 5, 5);
-  }
-  check_same_dtype(q, "q", k, "k");
-  check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
-              " + [head_dim_v], got ", v.sizes());
-  check_nonempty_dim(q, "q", 4, "head_dim");
-  check_nonempty_dim(v, "v", 4, "head_dim");
-}
-
 inline void check_decay(const at::Tensor& t, const char* name, const at::Tensor& q) {
   check_dtype_in(t, name, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
   check_same_device(q, "q", t, name);
@@ -101,25 +73,18 @@ inline void check_decay(const at::Tensor& t, const char* name, const at::Tensor&
 // dimensions first, e.g. the 2 halves of a symmetric polyline output).
 inline void check_like_out(const at::Tensor& t, const char* name, const at::Tensor& q, const at::Tensor& v,
                            c10::optional<int64_t> lead = c10::nullopt) {
-  check_defined(t, name);
-  check_same_device(q, "q", t, name);
-  check_same_dtype(q, "q", t, name);
   std::vector<int64_t> shape;
   if (lead.has_value()) shape.push_back(*lead);
   for (int64_t d = 0; d < 4; ++d) shape.push_back(q.size(d));
   shape.push_back(v.size(4));
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, ": expected shape ", at::IntArrayRef(shape), ", got ",
-              t.sizes());
+  check_like(t, name, q, shape);
 }
 
 inline void check_lse(const at::Tensor& lse, const at::Tensor& q, c10::optional<int64_t> lead = c10::nullopt) {
-  check_dtype_in(lse, "lse", {at::kFloat});
-  check_same_device(q, "q", lse, "lse");
   std::vector<int64_t> shape;
   if (lead.has_value()) shape.push_back(*lead);
   for (int64_t d = 0; d < 4; ++d) shape.push_back(q.size(d));
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(shape), "lse: expected shape ", at::IntArrayRef(shape), ", got ",
-              lse.sizes());
+  check_lse_like(lse, q, shape);
 }
 
 // ------------------------------------------------------------------------------ short runs

@@ -1,0 +1,57 @@
+// The image layout every image-family CPU kernel reads (window, polyline, axial and Gaussian-mask
+// attention): q, k [B, H, W, heads, dqk] and v [B, H, W, heads, dv], any strides. Their sizes, the
+// checks of the three tensors, and a strided view that finds one token's head row in place (a
+// packed qkv projection is read without a copy).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "vitk/checks.h"
+
+namespace vitk {
+namespace cpu {
+
+struct ImageDims {
+  int64_t B = 0, H = 0, W = 0, nh = 0, dqk = 0, dv = 0;
+};
+
+inline ImageDims image_dims(const at::Tensor& q, const at::Tensor& v) {
+  return ImageDims{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), v.size(4)};
+}
+
+// q, k, v of one image-layout op on the CPU: float dtypes, five dimensions, k shaped like q, v like
+// q but for its head dim, and non-empty head dims.
+inline void check_image_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    check_dtype_in(t, name, {at::kFloat, at::kHalf, at::kBFloat16});
+    check_device_type(t, name, c10::DeviceType::CPU);
+    check_dim_in(t, name, 5, 5);
+  }
+  check_same_dtype(q, "q", k, "k");
+  check_same_dtype(q, "q", v, "v");
+  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
+              " + [head_dim_v], got ", v.sizes());
+  check_nonempty_dim(q, "q", 4, "head_dim");
+  check_nonempty_dim(v, "v", 4, "head_dim");
+}
+
+// Element strides of a [B, H, W, heads, d] tensor and the first element of one token's head row.
+template <typename T>
+struct TokenView {
+  const T* base = nullptr;
+  int64_t s[5] = {0, 0, 0, 0, 0};
+  explicit TokenView(const at::Tensor& t) : base(t.data_ptr<T>()) {
+    for (int i = 0; i < 5; ++i) s[i] = t.stride(i);
+  }
+  const T* row(int64_t b, int64_t y, int64_t x, int64_t h) const {
+    return base + b * s[0] + y * s[1] + x * s[2] + h * s[3];
+  }
+};
+
+}  // namespace cpu
+}  // namespace vitk
