@@ -253,9 +253,10 @@ def _adfwd_backward(ctx, grad_out, grad_parts, grad_mids, grad_lse):
         dyw, dyh = dyw + grad_mids[0], dyh + grad_mids[1]
     dq3, dk3, dv, da2 = bwd(dyw, q, k, v, log_alpha, mids[0], lse[0], 2, s, want_a)
     dq4, dk4, dv4, db2 = bwd(dyh, q, k, v, log_beta, mids[1], lse[1], 1, s, want_b)
-    dq = dq + dq2 + dq3 + dq4
-    dk = dk + dk2 + dk3 + dk4
-    return (dq, dk, dv + dv4, da + da2 if want_a else None, db + db2 if want_b else None, None, None)
+    # Summed in place into the first call's fresh outputs: no new O(N) tensors.
+    dq = dq.add_(dq2).add_(dq3).add_(dq4)
+    dk = dk.add_(dk2).add_(dk3).add_(dk4)
+    return (dq, dk, dv.add_(dv4), da.add_(da2) if want_a else None, db.add_(db2) if want_b else None, None, None)
 
 
 torch.library.register_autograd("vitk::axial_decay_attention_fwd", _adfwd_backward, setup_context=_adfwd_setup)
