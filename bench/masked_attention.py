@@ -36,8 +36,10 @@ over O(N) captured tables, never an N x N one:
   gaussian   score * G[h, offset]: the mixture tabulated once per call over the (2H-1)(2W-1) grid
              offsets (O(N) per head), gathered by the pair's offset.
   reduced    plain flex over Nq x Nk (no score_mod).
-  axial      no peer: PPMA's chunk form is four chained single-axis attentions; a flex version would
-             be four flex calls on re-batched rows / columns, a different program from the others'.
+  axial      the same chain as PPMA's chunk form, four flex calls: each image row (or column) re-batched
+             as a sequence of its own ([B H, heads, W, d] or [B W, heads, H, d], copies counted in the
+             peer's time), with score + sgn(i - j) (P[i] - P[j]) over the line's prefix sums P of
+             log_alpha (rows) or log_beta (columns).
 FlexAttention has no CPU backward in torch 2.13 (NotImplementedError): fwd+bwd peer items are skipped
 with that reason, as in window_attention.py. The peer's setup (compile + first call) is its setup_s.
 """
@@ -279,13 +281,13 @@ def _flex_setup(case, x):
         reason = _flex_backward_reason(device)
         if reason:
             pytest.skip(reason)
-    if p["kind"] == "axial":
-        pytest.skip("no flex peer for the axial (chunk) form: four chained single-axis attentions")
     from torch.nn.attention.flex_attention import flex_attention
     torch._dynamo.reset()
     flex = torch.compile(flex_attention, dynamic=False)
     q, k, v = _leaves(case, x)
     scale = q.shape[-1] ** -0.5
+    if p["kind"] == "axial":
+        return _flex_axial(flex, q, k, v, x, scale)
     out_shape = q.shape[:-1] + v.shape[-1:]
     if p["kind"] == "reduced":
         mods = (None,)
@@ -299,6 +301,50 @@ def _flex_setup(case, x):
         outs = [flex(qh, kh, vh, score_mod=m, scale=scale) for m in mods]
         o = outs[0] if len(outs) == 1 else 0.5 * outs[0] + 0.5 * outs[1]
         return o.transpose(1, 2).reshape(out_shape)
+    call()
+    return call
+
+
+def _lines(t, axis):
+    """[B, H, W, heads, d] -> one sequence per image row (axis 2: [B H, heads, W, d]) or column
+    (axis 1: [B W, heads, H, d]); a copy."""
+    B, H, W, heads, d = t.shape
+    if axis == 2:
+        return t.permute(0, 1, 3, 2, 4).reshape(B * H, heads, W, d)
+    return t.permute(0, 2, 3, 1, 4).reshape(B * W, heads, H, d)
+
+
+def _image(t, axis, B, H, W):
+    """The inverse of _lines."""
+    heads, d = t.shape[1], t.shape[3]
+    if axis == 2:
+        return t.reshape(B, H, heads, W, d).permute(0, 1, 3, 2, 4)
+    return t.reshape(B, W, heads, H, d).permute(0, 3, 1, 2, 4)
+
+
+def _flex_axial(flex, q, k, v, x, scale):
+    """0.5 A_h(A_w v) + 0.5 A_w(A_h v) as four flex calls on re-batched lines."""
+    B, H, W = q.shape[:3]
+    la, lb = x["log_alpha"].detach(), x["log_beta"].detach()
+    # Inclusive prefix sums along each line, [lines, heads, L]: the segment (j, i] sums to P[i] - P[j].
+    prefix = {2: la.permute(0, 1, 3, 2).reshape(B * H, -1, W).cumsum(-1),
+              1: lb.permute(0, 2, 3, 1).reshape(B * W, -1, H).cumsum(-1)}
+
+    def decay_mod(P):
+        def mod(score, b, h, q_idx, kv_idx):
+            d = P[b, h, q_idx] - P[b, h, kv_idx]
+            return score + torch.where(q_idx >= kv_idx, d, -d)
+        return mod
+    mods = {axis: decay_mod(P) for axis, P in prefix.items()}
+
+    def call():
+        qk = {axis: (_lines(q, axis), _lines(k, axis)) for axis in (1, 2)}
+
+        def attend(vals, axis):
+            o = flex(*qk[axis], _lines(vals, axis), score_mod=mods[axis], scale=scale)
+            return _image(o, axis, B, H, W)
+        y_w, y_h = attend(v, 2), attend(v, 1)
+        return 0.5 * attend(y_w, 1) + 0.5 * attend(y_h, 2)
     call()
     return call
 
