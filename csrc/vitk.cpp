@@ -56,8 +56,11 @@ TORCH_LIBRARY(vitk, m) {
   m.def("axial_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_decay, int axis, float scale) "
         "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
+  // An optional second value stream (grad_out2, v2, out2) over the same q, k, decays and lse: one
+  // pass gives the summed dq, dk and dlog_decay of both attentions and each one's dv (dv2 empty without).
   m.def("axial_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor out, "
-        "Tensor lse, int axis, float scale, bool decay_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_decay)",
+        "Tensor lse, int axis, float scale, bool decay_grad, Tensor? grad_out2=None, Tensor? v2=None, "
+        "Tensor? out2=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_decay, Tensor dv2)",
         {at::Tag::pt2_compliant_tag});
   // The criss-cross form in one pass: both softmaxes once, out = (parts[0] + parts[1]) / 2 with
   // parts = [A_h y_w, A_w y_h], mids = [y_w, y_h] = [A_w v, A_h v], lse = [row softmax, column softmax]:

@@ -13,6 +13,7 @@ from conftest import backend_params
 
 AFWD = backend_params("axial_attention_fwd")
 DFWD = backend_params("axial_decay_attention_fwd")
+ABWD = backend_params("axial_attention_bwd")
 
 
 def _decay(B, H, W, heads, kind, device="cpu", dtype=torch.float32):
@@ -217,6 +218,33 @@ def test_axial_opcheck(axis):
     out, lse = torch.ops.vitk.axial_attention_fwd(q, k, v, ld, axis, 0.3)
     torch.library.opcheck(torch.ops.vitk.axial_attention_bwd.default,
                           (torch.randn_like(out), q, k, v, ld, out, lse, axis, 0.3, True))
+    v2 = torch.randn_like(v)
+    out2 = torch.ops.vitk.axial_attention_fwd(q, k, v2, ld, axis, 0.3)[0]
+    torch.library.opcheck(torch.ops.vitk.axial_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, ld, out, lse, axis, 0.3, True, torch.randn_like(out), v2,
+                           out2))
+
+
+@pytest.mark.parametrize("backend,device", ABWD)
+@AXES
+def test_axial_backward_two_value_streams(backend, device, axis, run_on):
+    """Two value streams over the same q, k and decays in one call: dq, dk and the decay gradient are
+    the sums of the two single-stream calls', dv and dv2 each stream's own."""
+    H, W = (5, 7) if backend != "triton" or device != "cpu" else (3, 4)
+    q, k, v = _packed_qkv(2, H, W, 3, 8, torch.float32, device, dv=16)
+    v2 = torch.randn(2, H, W, 3, 16, device=device)
+    ld = _decay(2, H, W, 3, "signed", device)
+    out, lse = torch.ops.vitk.axial_attention_fwd(q, k, v, ld, axis, 0.3)
+    out2 = torch.ops.vitk.axial_attention_fwd(q, k, v2, ld, axis, 0.3)[0]
+    g, g2 = torch.randn_like(out), torch.randn_like(out)
+    bwd = torch.ops.vitk.axial_attention_bwd
+    both = run_on(backend, bwd, g, q, k, v, ld, out, lse, axis, 0.3, True, g2, v2, out2)
+    one = run_on(backend, bwd, g, q, k, v, ld, out, lse, axis, 0.3, True)
+    two = run_on(backend, bwd, g2, q, k, v2, ld, out2, lse, axis, 0.3, True)
+    for name, got, exp in (("dq", both[0], one[0] + two[0]), ("dk", both[1], one[1] + two[1]),
+                           ("dv", both[2], one[2]), ("dlog_decay", both[3], one[3] + two[3]), ("dv2", both[4], two[2])):
+        _close(got, exp, torch.float32, name)
+    assert one[4].numel() == 0
     torch.library.opcheck(torch.ops.vitk.axial_decay_attention.default, (q, k, v, ld, ld.flip(1), None))
 
 
@@ -253,7 +281,13 @@ def test_axial_bad_axis():
         vitkernels._C.axial_attention_fwd_cpu(q, k, v, ld[..., :1], 2, 0.3)
     out, lse = vitkernels._C.axial_attention_fwd_cpu(q, k, v, ld, 2, 0.3)
     with pytest.raises(RuntimeError, match="^lse:"):
-        vitkernels._C.axial_attention_bwd_cpu(out, q, k, v, ld, out, lse[0], 2, 0.3, True)
+        vitkernels._C.axial_attention_bwd_cpu(out, q, k, v, ld, out, lse[0], 2, 0.3, True, None, None, None)
+    with pytest.raises(RuntimeError, match="^grad_out2, v2, out2:"):
+        vitkernels._C.axial_attention_bwd_cpu(out, q, k, v, ld, out, lse, 2, 0.3, True, out, None, None)
+    with pytest.raises(RuntimeError, match="^v2:"):
+        vitkernels._C.axial_attention_bwd_cpu(out, q, k, v, ld, out, lse, 2, 0.3, True, out, v[:, :1], out)
+    with pytest.raises(ValueError, match="^out2:"):
+        torch.ops.vitk.axial_attention_bwd(out, q, k, v, ld, out, lse, 2, 0.3, True, out, v, out.double())
 
 
 # ---------------------------------------------------------------- the fused forward

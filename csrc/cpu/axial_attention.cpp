@@ -259,47 +259,73 @@ void axial_fwd_impl(const AxialGeom& g, const at::Tensor& q, const at::Tensor& k
 
 // ------------------------------------------------------------------------------ backward
 
+// The value-side tensors of one stream of the backward: v, grad_out, out in, dv out.
+struct ValueStream {
+  const at::Tensor* v = nullptr;
+  const at::Tensor* go = nullptr;
+  const at::Tensor* out = nullptr;
+  at::Tensor* dv = nullptr;
+};
+
+// A second value stream shares the lines' probabilities with the first (two attentions of the
+// same q, k and decays over different values): its dP adds to the first's and its rowsum(dO * O)
+// to the first's, so dS, dq, dk and the decay gradient come out of one pass for both. Its values
+// are packed beside the first's, at column ldv of every packed value row (row ldv of the
+// transposed tile), with zeros between, and the core sees one value width of ldv + dv.
 template <typename T>
-void axial_bwd_impl(const AxialGeom& g, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& ld, const at::Tensor& out, const at::Tensor& lse,
-                    bool want_decay, float scale, at::Tensor& dq_t, at::Tensor& dk_t, at::Tensor& dv_t,
-                    at::Tensor& dld) {
-  const TokenView<T> qv(q), kv(k), vv(v), gv(go), ov(out);
+void axial_bwd_impl(const AxialGeom& g, const ValueStream (&vs)[2], int64_t nstreams, const at::Tensor& q,
+                    const at::Tensor& k, const at::Tensor& ld, const at::Tensor& lse, bool want_decay, float scale,
+                    at::Tensor& dq_t, at::Tensor& dk_t, at::Tensor& dld) {
+  const bool two = nstreams == 2;
+  const ValueStream& s2 = two ? vs[1] : vs[0];  // stands in for the absent stream; never read then
+  const TokenView<T> qv(q), kv(k), vv(*vs[0].v), gv(*vs[0].go), ov(*vs[0].out), vv2(*s2.v), gv2(*s2.go),
+      ov2(*s2.out);
+  const TokenView<T>* const vals[2][3] = {{&vv, &gv, &ov}, {&vv2, &gv2, &ov2}};
   const decay::PlaneStrides sl(lse);
   const float* lp = lse.data_ptr<float>();
   T* dqp = dq_t.data_ptr<T>();
   T* dkp = dk_t.data_ptr<T>();
-  T* dvp = dv_t.data_ptr<T>();
+  T* dvp[2] = {vs[0].dv->data_ptr<T>(), s2.dv->data_ptr<T>()};
   const int64_t L = g.L, dqk = g.dqk, dv = g.dv, nh = g.nh;
   const int64_t ldq = pad_lanes(dqk), ldkt = pad_lanes(L), ldv = pad_lanes(dv);
+  const int64_t ldc = nstreams * ldv, dvc = (nstreams - 1) * ldv + dv;  // both streams side by side
   run_problems(g, [&](attn::TaskSource& source) {
     // Every padding lane and column is zeroed once here; packing only ever writes real data.
     Buffer qb, kb, ktb, vtb, dob, oub, lb, drb, dqb, dkb, dvb, colb;
     float* qs = qb.zeros(L * ldq);
     float* ks = kb.zeros(L * ldq);
     float* kts = ktb.zeros(dqk * ldkt);
-    float* vts = vtb.zeros(dv * ldkt);
-    float* dos = dob.zeros(L * ldv);
-    float* os = oub.zeros(L * ldv);
+    float* vts = vtb.zeros(ldc * ldkt);
+    float* dos = dob.zeros(L * ldc);
+    float* os = oub.zeros(L * ldc);
     float* ls = lb.grow(L);
     float* drow = drb.grow(L);
     float* dqs = dqb.grow(L * ldq);
     float* dks = dkb.grow(L * ldq);
-    float* dvs = dvb.grow(L * ldv);
+    float* dvs = dvb.grow(L * ldc);
     float* col = colb.grow(pad_lanes(attn::key_tile(L)));
     std::vector<double> P(pad_lanes(L) + attn::kLanes, 0.0), dP(L), dx(L);
     attn::Scratch ws;
     attn::PrefetchQueue pq;
-    const TokenView<T>* const ins[5] = {&qv, &kv, &vv, &gv, &ov};
-    const int64_t inw[5] = {dqk, dqk, dv, dv, dv};
-    T* const outs[3] = {dqp, dkp, dvp};
-    const int64_t outw[3] = {dqk, dqk, dv};
+    const TokenView<T>* const ins[8] = {&qv, &kv, &vv, &gv, &ov, &vv2, &gv2, &ov2};
+    const int64_t inw[8] = {dqk, dqk, dv, dv, dv, dv, dv, dv};
+    T* const outs[4] = {dqp, dkp, dvp[0], dvp[1]};
+    const int64_t outw[4] = {dqk, dqk, dv, dv};
+    const TokenView<T>* const ins1[5] = {&qv, &kv, &vv, &gv, &ov};
+    const int64_t inw1[5] = {dqk, dqk, dv, dv, dv};
+    T* const outs1[3] = {dqp, dkp, dvp[0]};
+    const int64_t outw1[3] = {dqk, dqk, dv};
     Range batch;
     while (source.next(batch)) {
       for (int64_t task = batch.begin; task < batch.end; ++task) {
         const TaskIndex ti = decode(g, task);
         pq.clear();
-        if (task + 1 < batch.end) queue_task(pq, g, decode(g, task + 1), ins, inw, outs, outw);
+        if (task + 1 < batch.end) {
+          if (two)
+            queue_task(pq, g, decode(g, task + 1), ins, inw, outs, outw);
+          else
+            queue_task(pq, g, decode(g, task + 1), ins1, inw1, outs1, outw1);
+        }
         pq.plan(L);
         line_prefix(g, ld, ti, P.data());
         auto rows = [&](const TokenView<T>& tv) {
@@ -308,18 +334,23 @@ void axial_bwd_impl(const AxialGeom& g, const at::Tensor& go, const at::Tensor& 
         attn::pack_rows<T>(L, dqk, qv.s[4], rows(qv), scale, qs, ldq);
         attn::pack_rows<T>(L, dqk, kv.s[4], rows(kv), 1.f, ks, ldq);
         attn::pack_cols<T>(L, dqk, kv.s[4], rows(kv), kts, ldkt);
-        attn::pack_cols<T>(L, dv, vv.s[4], rows(vv), vts, ldkt);
-        attn::pack_rows<T>(L, dv, gv.s[4], rows(gv), 1.f, dos, ldv);
-        attn::pack_rows<T>(L, dv, ov.s[4], rows(ov), 1.f, os, ldv);
+        for (int64_t st = 0; st < nstreams; ++st) {
+          const TokenView<T>& sv = *vals[st][0];
+          const TokenView<T>& sg = *vals[st][1];
+          const TokenView<T>& so = *vals[st][2];
+          attn::pack_cols<T>(L, dv, sv.s[4], rows(sv), vts + st * ldv * ldkt, ldkt);
+          attn::pack_rows<T>(L, dv, sg.s[4], rows(sg), 1.f, dos + st * ldv, ldc);
+          attn::pack_rows<T>(L, dv, so.s[4], rows(so), 1.f, os + st * ldv, ldc);
+        }
         for (int64_t t = 0; t < L; ++t) {
           ls[t] = lp[sl.at(ti.b, g.y(ti.gi, t), g.x(ti.gi, t), ti.h)];
-          drow[t] = attn::simd::row_dot(dos + t * ldv, os + t * ldv, dv);
+          drow[t] = attn::simd::row_dot(dos + t * ldc, os + t * ldc, ldc);
         }
         std::fill(dqs, dqs + L * ldq, 0.f);
         std::fill(dks, dks + L * ldq, 0.f);
-        std::fill(dvs, dvs + L * ldv, 0.f);
-        attn::BwdProblem pr{.M = L, .N = L, .dqk = dqk, .dv = dv, .q = qs, .k = ks, .ldq = ldq, .kt = kts, .vt = vts,
-                            .ldkt = ldkt, .dout = dos, .ldv = ldv, .lse = ls, .drow = drow, .dq = dqs, .dk = dks,
+        std::fill(dvs, dvs + L * ldc, 0.f);
+        attn::BwdProblem pr{.M = L, .N = L, .dqk = dqk, .dv = dvc, .q = qs, .k = ks, .ldq = ldq, .kt = kts, .vt = vts,
+                            .ldkt = ldkt, .dout = dos, .ldv = ldc, .lse = ls, .drow = drow, .dq = dqs, .dk = dks,
                             .dvv = dvs};
         AxialModifier mod;
         mod.P = P.data();
@@ -335,15 +366,17 @@ void axial_bwd_impl(const AxialGeom& g, const at::Tensor& go, const at::Tensor& 
           const int64_t row = ((ti.b * g.H + g.y(ti.gi, t)) * g.W + g.x(ti.gi, t)) * nh + ti.h;
           T* dqd = dqp + row * dqk;
           T* dkd = dkp + row * dqk;
-          T* dvd = dvp + row * dv;
           const float* sq = dqs + t * ldq;
           const float* sk = dks + t * ldq;
-          const float* sv = dvs + t * ldv;
           for (int64_t d = 0; d < dqk; ++d) {
             dqd[d] = static_cast<T>(sq[d] * scale);
             dkd[d] = static_cast<T>(sk[d]);
           }
-          for (int64_t d = 0; d < dv; ++d) dvd[d] = static_cast<T>(sv[d]);
+          for (int64_t st = 0; st < nstreams; ++st) {
+            T* dvd = dvp[st] + row * dv;
+            const float* sv = dvs + t * ldc + st * ldv;
+            for (int64_t d = 0; d < dv; ++d) dvd[d] = static_cast<T>(sv[d]);
+          }
         }
         if (want_decay) {
           decay::reverse_prefix(dP.data(), L, dx.data());
@@ -550,25 +583,37 @@ std::tuple<at::Tensor, at::Tensor> axial_attention_fwd(const at::Tensor& q, cons
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_decay, const at::Tensor& out, const at::Tensor& lse, int64_t axis, double scale,
-    bool decay_grad) {
+    bool decay_grad, const c10::optional<at::Tensor>& grad_out2, const c10::optional<at::Tensor>& v2,
+    const c10::optional<at::Tensor>& out2) {
   check_axial_args(q, k, v, log_decay, axis);
   decay::check_like_out(grad_out, "grad_out", q, v);
   decay::check_like_out(out, "out", q, v);
   decay::check_lse(lse, q);
+  const bool two = grad_out2.has_value() && grad_out2->defined();
+  TORCH_CHECK(two == (v2.has_value() && v2->defined()) && two == (out2.has_value() && out2->defined()),
+              "grad_out2, v2, out2: expected all three (a second value stream) or none");
+  if (two) {
+    check_like(*v2, "v2", q, v.sizes());
+    decay::check_like_out(*grad_out2, "grad_out2", q, v);
+    decay::check_like_out(*out2, "out2", q, v);
+  }
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), q.options());
   at::Tensor dv = at::empty(v.sizes(), q.options());
+  at::Tensor dv2 = two ? at::empty(v.sizes(), q.options()) : at::empty({0}, q.options());
   at::Tensor dld = decay_grad ? at::empty(log_decay.sizes(), log_decay.options()) : at::empty({0}, q.options());
-  if (q.numel() == 0) return {dq, dk, dv, dld};
+  if (q.numel() == 0) return {dq, dk, dv, dld, dv2};
   const AxialGeom g = make_geom(q, v, axis);
+  const ValueStream first{&v, &grad_out, &out, &dv};
+  const ValueStream vs[2] = {first, two ? ValueStream{&*v2, &*grad_out2, &*out2, &dv2} : first};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "axial_attention_bwd", [&] {
-    axial_bwd_impl<scalar_t>(g, grad_out, q, k, v, log_decay, out, lse, decay_grad, static_cast<float>(scale), dq,
-                             dk, dv, dld);
+    axial_bwd_impl<scalar_t>(g, vs, two ? 2 : 1, q, k, log_decay, lse, decay_grad, static_cast<float>(scale), dq, dk,
+                             dld);
   });
-  return {dq, dk, dv, dld};
+  return {dq, dk, dv, dld, dv2};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention_fwd(

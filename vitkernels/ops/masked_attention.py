@@ -18,8 +18,9 @@ The public ops are composites over *_fwd ops whose extra outputs autograd saves 
              computes it in one pass (each row's and each column's softmax once) and returns what
              the backward needs: parts [2, B, H, W, heads, dv] = [A_h y_w, A_w y_h], mids = [y_w, y_h]
              = [A_w v, A_h v] (q's dtype) and lse [2, B, H, W, heads] fp32 (row, column softmax). Its
-             backward is four calls of the one-axis primitive's axial_attention_bwd, the chain rule
-             through the two chained attentions of each half. When no gradient is wanted the public
+             backward is three calls of the one-axis primitive's axial_attention_bwd, the chain rule
+             through the two chained attentions of each half (the two row attentions share one call
+             as two value streams). When no gradient is wanted the public
              op passes save_for_backward=False: parts and mids come back empty and only out is stored.
   gaussian   lse [B, H, W, heads].
   reduced    lse [B, Nq, heads].
@@ -247,16 +248,19 @@ def _adfwd_backward(ctx, grad_out, grad_parts, grad_mids, grad_lse):
     if grad_parts is not None:
         g_wh, g_hw = g_wh + grad_parts[0], g_hw + grad_parts[1]
     bwd = torch.ops.vitk.axial_attention_bwd
-    dq, dk, dyw, db = bwd(g_wh, q, k, mids[0], log_beta, parts[0], lse[1], 1, s, want_b)
-    dq2, dk2, dyh, da = bwd(g_hw, q, k, mids[1], log_alpha, parts[1], lse[0], 2, s, want_a)
+    # Three passes: y_w's gradient is complete after the first, so the two row attentions (o_hw over
+    # y_h, y_w over v) share one pass as two value streams; y_h's gradient comes out of it.
+    dq, dk, dyw, db = bwd(g_wh, q, k, mids[0], log_beta, parts[0], lse[1], 1, s, want_b)[:4]
     if grad_mids is not None:
-        dyw, dyh = dyw + grad_mids[0], dyh + grad_mids[1]
-    dq3, dk3, dv, da2 = bwd(dyw, q, k, v, log_alpha, mids[0], lse[0], 2, s, want_a)
-    dq4, dk4, dv4, db2 = bwd(dyh, q, k, v, log_beta, mids[1], lse[1], 1, s, want_b)
+        dyw = dyw + grad_mids[0]
+    dq2, dk2, dyh, da, dv = bwd(g_hw, q, k, mids[1], log_alpha, parts[1], lse[0], 2, s, want_a, dyw, v, mids[0])
+    if grad_mids is not None:
+        dyh = dyh + grad_mids[1]
+    dq3, dk3, dv3, db2 = bwd(dyh, q, k, v, log_beta, mids[1], lse[1], 1, s, want_b)[:4]
     # Summed in place into the first call's fresh outputs: no new O(N) tensors.
-    dq = dq.add_(dq2).add_(dq3).add_(dq4)
-    dk = dk.add_(dk2).add_(dk3).add_(dk4)
-    return (dq, dk, dv.add_(dv4), da.add_(da2) if want_a else None, db.add_(db2) if want_b else None, None, None)
+    dq = dq.add_(dq2).add_(dq3)
+    dk = dk.add_(dk2).add_(dk3)
+    return (dq, dk, dv.add_(dv3), da if want_a else None, db.add_(db2) if want_b else None, None, None)
 
 
 torch.library.register_autograd("vitk::axial_decay_attention_fwd", _adfwd_backward, setup_context=_adfwd_setup)
@@ -272,15 +276,31 @@ def _afwd_router(q, k, v, log_decay, axis, scale):
     return _route("axial_attention_fwd", q)(q, k, v, log_decay, int(axis), float(scale))
 
 
-def _abwd_fake(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad):
+def _check_second_stream(v, grad_out2, v2, out2):
+    given = [t is not None for t in (grad_out2, v2, out2)]
+    if any(given) and not all(given):
+        raise ValueError("grad_out2, v2, out2: expected all three (a second value stream) or none")
+    if all(given):
+        for name, t in (("grad_out2", grad_out2), ("v2", v2), ("out2", out2)):
+            if t.shape != v.shape or t.dtype != v.dtype or t.device != v.device:
+                raise ValueError(f"{name}: expected v's shape {tuple(v.shape)}, dtype {v.dtype} and device "
+                                 f"{v.device}, got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    return all(given)
+
+
+def _abwd_fake(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad, grad_out2=None, v2=None,
+               out2=None):
+    two = _check_second_stream(v, grad_out2, v2, out2)
     dd = _grad_like(log_decay) if decay_grad else q.new_empty((0,))
-    return _grad_like(q), _grad_like(k), _grad_like(v), dd
+    return _grad_like(q), _grad_like(k), _grad_like(v), dd, _grad_like(v) if two else q.new_empty((0,))
 
 
-def _abwd_router(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad):
+def _abwd_router(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad, grad_out2=None, v2=None,
+                 out2=None):
     _check_axial(q, k, v, log_decay, axis)
+    _check_second_stream(v, grad_out2, v2, out2)
     return _route("axial_attention_bwd", q)(grad_out, q, k, v, log_decay, out, lse, int(axis), float(scale),
-                                            bool(decay_grad))
+                                            bool(decay_grad), grad_out2, v2, out2)
 
 
 def _afwd_setup(ctx, inputs, output):
@@ -294,8 +314,8 @@ def _afwd_backward(ctx, grad_out, grad_lse):
     q, k, v, log_decay, out, lse = ctx.saved_tensors
     axis, scale = ctx.args
     decay_grad = ctx.needs_input_grad[3]
-    dq, dk, dv, dd = torch.ops.vitk.axial_attention_bwd(grad_out, q, k, v, log_decay, out, lse, axis, scale,
-                                                        decay_grad)
+    dq, dk, dv, dd, _ = torch.ops.vitk.axial_attention_bwd(grad_out, q, k, v, log_decay, out, lse, axis, scale,
+                                                           decay_grad)
     return dq, dk, dv, (dd if decay_grad else None), None, None
 
 

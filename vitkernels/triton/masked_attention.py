@@ -8,8 +8,8 @@ arguments and results are exactly those of the op layer's fake kernels:
     polyline_attention_bwd(grad_out, q, k, v, log_alpha, log_beta, out, parts, lse, scale, symmetric,
                            decay_grad) -> (dq, dk, dv, dlog_alpha, dlog_beta)
     axial_attention_fwd(q, k, v, log_decay, axis, scale) -> (out, lse)
-    axial_attention_bwd(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad)
-        -> (dq, dk, dv, dlog_decay)
+    axial_attention_bwd(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad[, grad_out2, v2, out2])
+        -> (dq, dk, dv, dlog_decay, dv2)
     axial_decay_attention_fwd(q, k, v, log_alpha, log_beta, scale, save_for_backward) -> (out, parts, mids, lse)
     gaussian_mask_attention_fwd(q, k, v, mix_weight, mix_sigma, scale) -> (out, lse)
     gaussian_mask_attention_bwd(grad_out, q, k, v, mix_weight, mix_sigma, out, lse, scale, mix_grad)
@@ -30,7 +30,7 @@ A the prefix of log_alpha along each row, C that of log_beta down each column. T
 the core twice, the second time with TRANSPOSE (the path starts at the key), keeping each direction's
 normalized output (parts) and lse; its backward is two ordinary attention backwards with dO / 2.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -231,8 +231,19 @@ def _criss_cross_into(q, k, v, log_alpha, log_beta, scale, parts, mids, lse):
 
 def axial_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         log_decay: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, axis: int, scale: float,
-                        decay_grad: bool):
-    """(dq, dk, dv, dlog_decay); dlog_decay is empty unless decay_grad."""
+                        decay_grad: bool, grad_out2: Optional[torch.Tensor] = None, v2: Optional[torch.Tensor] = None,
+                        out2: Optional[torch.Tensor] = None):
+    """(dq, dk, dv, dlog_decay, dv2); dlog_decay is empty unless decay_grad, dv2 unless a second value
+    stream (grad_out2, v2, out2) is given. Its gradients are linear in dS, so the second stream is
+    its own launch and its dq, dk and dlog_decay are added to the first's."""
+    dq, dk, dv, dd = _axial_bwd_one(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad)
+    if grad_out2 is None:
+        return dq, dk, dv, dd, _empty(q)
+    dq2, dk2, dv2, dd2 = _axial_bwd_one(grad_out2, q, k, v2, log_decay, out2, lse, axis, scale, decay_grad)
+    return dq.add_(dq2), dk.add_(dk2), dv, dd.add_(dd2) if decay_grad else dd, dv2
+
+
+def _axial_bwd_one(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad):
     B, H, W, heads, dqk = q.shape
     dvd = v.shape[-1]
     dq = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)

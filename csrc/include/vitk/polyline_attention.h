@@ -38,11 +38,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> polyline_
 std::tuple<at::Tensor, at::Tensor> axial_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& log_decay, int64_t axis, double scale);
 
-// Returns (dq, dk, dv, dlog_decay); dlog_decay as for the polyline decays.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
+// Returns (dq, dk, dv, dlog_decay, dv2); dlog_decay as for the polyline decays. With a second value
+// stream (grad_out2, v2, out2, all shaped like grad_out, v, out), the backward of two attentions that
+// share q, k, the decays and so lse, summed: dq, dk and dlog_decay of both, dv of the first, dv2 of the
+// second; otherwise dv2 is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& log_decay, const at::Tensor& out, const at::Tensor& lse, int64_t axis, double scale,
-    bool decay_grad);
+    bool decay_grad, const c10::optional<at::Tensor>& grad_out2, const c10::optional<at::Tensor>& v2,
+    const c10::optional<at::Tensor>& out2);
 
 }  // namespace cpu
 }  // namespace vitk
