@@ -199,6 +199,18 @@ void run_problems(const AxialGeom& g, Body&& body) {
   attn::run_workers(g.tasks, [&](attn::TaskSource& source) { body(source); });
 }
 
+// dst[j] = src[j] * mult rounded to T, j < n. Separate restrict-qualified rows, so the loop
+// vectorizes (written inline beside other outputs of T*, the compiler has to assume they alias).
+template <typename T>
+inline void store_row(T* __restrict dst, const float* __restrict src, int64_t n, float mult = 1.f) {
+  // fp32 rows as whole (masked) vectors, streamed: as a plain loop the compiler calls memmove per row.
+  if constexpr (std::is_same_v<T, float>) {
+    attn::simd::stream_row(dst, src, n, mult);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j] * mult);
+}
+
 // ------------------------------------------------------------------------------ forward
 
 template <typename T>
@@ -247,9 +259,7 @@ void axial_fwd_impl(const AxialGeom& g, const at::Tensor& q, const at::Tensor& k
         pq.drain();
         for (int64_t t = 0; t < L; ++t) {
           const int64_t row = ((ti.b * g.H + g.y(ti.gi, t)) * g.W + g.x(ti.gi, t)) * nh + ti.h;
-          T* dst = op + row * dv;
-          const float* src = os + t * ldv;
-          for (int64_t d = 0; d < dv; ++d) dst[d] = static_cast<T>(src[d]);
+          store_row(op + row * dv, os + t * ldv, dv);
           lp[row] = ls[t];
         }
       }
@@ -364,19 +374,9 @@ void axial_bwd_impl(const AxialGeom& g, const ValueStream (&vs)[2], int64_t nstr
         pq.drain();
         for (int64_t t = 0; t < L; ++t) {
           const int64_t row = ((ti.b * g.H + g.y(ti.gi, t)) * g.W + g.x(ti.gi, t)) * nh + ti.h;
-          T* dqd = dqp + row * dqk;
-          T* dkd = dkp + row * dqk;
-          const float* sq = dqs + t * ldq;
-          const float* sk = dks + t * ldq;
-          for (int64_t d = 0; d < dqk; ++d) {
-            dqd[d] = static_cast<T>(sq[d] * scale);
-            dkd[d] = static_cast<T>(sk[d]);
-          }
-          for (int64_t st = 0; st < nstreams; ++st) {
-            T* dvd = dvp[st] + row * dv;
-            const float* sv = dvs + t * ldc + st * ldv;
-            for (int64_t d = 0; d < dv; ++d) dvd[d] = static_cast<T>(sv[d]);
-          }
+          store_row(dqp + row * dqk, dqs + t * ldq, dqk, scale);
+          store_row(dkp + row * dqk, dks + t * ldq, dqk);
+          for (int64_t st = 0; st < nstreams; ++st) store_row(dvp[st] + row * dv, dvs + t * ldc + st * ldv, dv);
         }
         if (want_decay) {
           decay::reverse_prefix(dP.data(), L, dx.data());
@@ -426,20 +426,6 @@ inline void line_softmax(float* s, int64_t L, int64_t lds, float* lse, int64_t l
 // dst[j] = (a[j] + b[j]) / 2, j < n.
 inline void average2(float* __restrict dst, const float* __restrict a, const float* __restrict b, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = 0.5f * (a[j] + b[j]);
-}
-
-// dst[j] = src[j] rounded to T, j < n. Separate restrict-qualified rows, so the loop vectorizes
-// (written inline beside four other outputs of T*, the compiler has to assume they alias).
-template <typename T>
-inline void store_row(T* __restrict dst, const float* __restrict src, int64_t n) {
-#ifdef __AVX512F__
-  // fp32 rows as whole (masked) vectors, streamed: as a plain loop the compiler calls memmove per row.
-  if constexpr (std::is_same_v<T, float>) {
-    attn::simd::stream_row(dst, src, n);
-    return;
-  }
-#endif
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 // A worker's buffers, kept from call to call: they reach megabytes (the rows' probabilities of a
