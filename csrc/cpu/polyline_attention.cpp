@@ -300,21 +300,9 @@ struct PolylineModifier {
       std::fill(zt, zt + pad_lanes(n), 0.f);
       double* dAr = dA + ig * dA_r;
       for (; i < iend; ++i) {
-        using namespace attn::simd;
         const int64_t j1 = q0 + i - ig * Wg;
-        const float* d = ds + i * lds;
-        const __m512i j1v = _mm512_set1_epi32(static_cast<int32_t>(j1));
-        vf acc = zero();
-        for (int64_t x = 0; x < n; x += attn::kLanes) {
-          const vf dv = load(d + x);
-          const __m512i jv = _mm512_loadu_si512(j2col + x);
-          store(yrow + x, add(load(yrow + x), dv));
-          vf e = _mm512_mask_sub_ps(dv, _mm512_cmpgt_epi32_mask(jv, j1v), zero(), dv);
-          e = _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmpeq_epi32_mask(jv, j1v)), e);
-          acc = add(acc, e);
-          store(zt + x, add(load(zt + x), e));
-        }
-        dAr[j1 * dA_c] += static_cast<double>(hsum(acc));
+        dAr[j1 * dA_c] += static_cast<double>(
+            decay::signed_row_sums(ds + i * lds, j2col, static_cast<int32_t>(j1), n, yrow, zt));
       }
       for (int64_t x = 0; x < n; ++x) dAr[j2col[x] * dA_c] -= zt[x];
 #else
@@ -499,32 +487,8 @@ struct ColumnPathMask {
       std::fill(ypt, ypt + np, 0.f);
       for (; i < m; i += W) {
         const int64_t i1 = (q0 + i) / W;
-        const float* d = ds + i * lds;
-#ifdef __AVX512F__
-        using namespace attn::simd;
-        const __m512i i1v = _mm512_set1_epi32(static_cast<int32_t>(i1));
-        vf acc = zero();
-        for (int64_t x = 0; x < N; x += attn::kLanes) {
-          const vf dv = load(d + x);
-          const __m512i iv = _mm512_loadu_si512(i2col + x);
-          store(yt + x, add(load(yt + x), dv));
-          vf e = _mm512_mask_sub_ps(dv, _mm512_cmpgt_epi32_mask(iv, i1v), zero(), dv);
-          e = _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmpeq_epi32_mask(iv, i1v)), e);
-          acc = add(acc, e);
-          store(ypt + x, add(load(ypt + x), e));
-        }
-        dC[i1 * W + j1] += static_cast<double>(hsum(acc));
-#else
-        float tot = 0.f;
-        for (int64_t x = 0; x < N; ++x) {
-          yt[x] += d[x];
-          const int32_t r = i2col[x];
-          const float e = r < i1 ? d[x] : (r > i1 ? -d[x] : 0.f);
-          ypt[x] += e;
-          tot += e;
-        }
-        dC[i1 * W + j1] += static_cast<double>(tot);
-#endif
+        dC[i1 * W + j1] += static_cast<double>(
+            decay::signed_row_sums(ds + i * lds, i2col, static_cast<int32_t>(i1), N, yt, ypt));
       }
       // d logit / dA[i2][j1] = sgn(j1 - j2), d logit / dA[i2][j2] = -sgn(j1 - j2),
       // d logit / dC[i2][j1] = -sgn(i1 - i2).

@@ -60,6 +60,37 @@ inline void reverse_prefix(const double* dP, int64_t n, double* dx) {
   if (n > 0) dx[0] = 0.0;
 }
 
+// One query's row d[0, n) of dS in a decay gradient: y += d, z += e, and returns the sum of e, with
+// e[x] = sgn(p1 - p[x]) d[x] (p: each key's position along the line the decay runs on; p1: the
+// query's). d, y, z and p extend to n rounded up to 16 (the padding lanes of d are zero).
+inline float signed_row_sums(const float* __restrict d, const int32_t* __restrict p, int32_t p1, int64_t n,
+                             float* __restrict y, float* __restrict z) {
+#ifdef __AVX512F__
+  using namespace attn::simd;
+  const __m512i p1v = _mm512_set1_epi32(p1);
+  vf acc = zero();
+  for (int64_t x = 0; x < n; x += attn::kLanes) {
+    const vf dv = load(d + x);
+    const __m512i pv = _mm512_loadu_si512(p + x);
+    store(y + x, add(load(y + x), dv));
+    vf e = _mm512_mask_sub_ps(dv, _mm512_cmpgt_epi32_mask(pv, p1v), zero(), dv);
+    e = _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmpeq_epi32_mask(pv, p1v)), e);
+    acc = add(acc, e);
+    store(z + x, add(load(z + x), e));
+  }
+  return hsum(acc);
+#else
+  float tot = 0.f;
+  for (int64_t x = 0; x < n; ++x) {
+    y[x] += d[x];
+    const float e = p[x] < p1 ? d[x] : (p[x] > p1 ? -d[x] : 0.f);
+    z[x] += e;
+    tot += e;
+  }
+  return tot;
+#endif
+}
+
 // ------------------------------------------------------------------------------ checks
 
 inline void check_decay(const at::Tensor& t, const char* name, const at::Tensor& q) {
