@@ -20,8 +20,8 @@ The public ops are composites over *_fwd ops whose extra outputs autograd saves 
              = [A_w v, A_h v] (q's dtype) and lse [2, B, H, W, heads] fp32 (row, column softmax). Its
              backward is three calls of the one-axis primitive's axial_attention_bwd, the chain rule
              through the two chained attentions of each half (the two row attentions share one call
-             as two value streams). When no gradient is wanted the public
-             op passes save_for_backward=False: parts and mids come back empty and only out is stored.
+             as two value streams). When no gradient is wanted the public op passes
+             save_for_backward=False: parts and mids come back empty and only out is stored.
   gaussian   lse [B, H, W, heads].
   reduced    lse [B, Nq, heads].
 """
