@@ -69,8 +69,8 @@ def main():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp", *march, "-DVITK_CPU_ARCH=\"" + arch + "\""]
     sources = sorted(
-        [os.path.join("csrc", "vitk.cpp"), os.path.join("csrc", "bindings.cpp")]
-        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+        glob.glob(os.path.join("csrc", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "**", "*.cpp"), recursive=True)
     )
 
     why_no_cuda = None

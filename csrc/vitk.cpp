@@ -1,6 +1,8 @@
-// Every public op's schema, in one place. Implementations are bound per dispatch key from Python
-// (vitkernels/ops/<family>.py), which routes to the C++ CPU kernel, the CUDA kernel or the Triton
-// kernel according to vitkernels.backends; the kernels themselves live in csrc/cpu and csrc/cuda.
+// Every op's schema, in one place. The C++ kernels register themselves per dispatch key next to
+// their code (TORCH_LIBRARY_IMPL(vitk, CPU | CUDA, m) through VITK_IMPL, see vitk/registration.h),
+// the public composites over the internal forward ops in composites.cpp; the Python package adds
+// fake kernels, autograd, the Triton backends and the router of forced backends
+// (vitkernels/ops/<family>.py, declared through vitkernels/ops/_define.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(vitk, m) {
@@ -64,8 +66,9 @@ TORCH_LIBRARY(vitk, m) {
         {at::Tag::pt2_compliant_tag});
   // The criss-cross form in one pass: both softmaxes once, out = (parts[0] + parts[1]) / 2 with
   // parts = [A_h y_w, A_w y_h], mids = [y_w, y_h] = [A_w v, A_h v], lse = [row softmax, column softmax]:
-  // what the four axial_attention_bwd calls of its backward need. Without save_for_backward (no
-  // gradient wanted) parts and mids are empty and never written: inference stores only out.
+  // what the three axial_attention_bwd calls of its backward need (the two row attentions share one
+  // call as two value streams). Without save_for_backward (no gradient wanted) parts and mids are
+  // empty and never written: inference stores only out.
   m.def("axial_decay_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor log_beta, float scale, "
         "bool save_for_backward=True) -> (Tensor out, Tensor parts, Tensor mids, Tensor lse)",
         {at::Tag::pt2_compliant_tag});

@@ -22,7 +22,7 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 def runnable_backends(op, device):
     """(backend, device) pairs of ``op`` that can run here; the others are listed as skips with reasons."""
     params = []
-    for impl in vb._IMPLS[op]:
+    for impl in vb.impls(op):
         reasons = vb.why_not(impl, device)
         marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
         if device == "cuda":

@@ -239,8 +239,7 @@ def test_lookup_bad_input(make, name):
 
 def test_cpu_kernels_check_arguments_themselves():
     # The compiled entry points validate too, for callers that reach them without the router.
-    C = vitkernels._C
-    with pytest.raises(RuntimeError, match="z"):
-        C.codebook_argmin_cpu(torch.randn(4, 5), torch.randn(9, 6), False)
+    with pytest.raises(ValueError, match="z"):
+        torch.ops.vitk.codebook_argmin(torch.randn(4, 5), torch.randn(9, 6))
     with pytest.raises((RuntimeError, IndexError), match="indices"):
-        C.codebook_lookup_cpu(torch.tensor([12]), torch.randn(9, 6))
+        torch.ops.vitk.codebook_lookup(torch.tensor([12]), torch.randn(9, 6))

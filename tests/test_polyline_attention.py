@@ -338,13 +338,12 @@ def test_polyline_cpu_kernel_checks_its_arguments():
     """The C++ entry points validate on their own too (they are reachable without the op layer)."""
     q, k, v = _packed_qkv(1, 4, 5, 2, 8, torch.float32)
     la, lb = _decays(1, 4, 5, 2, "range")
-    C = vitkernels._C
-    with pytest.raises(RuntimeError, match="^log_alpha:"):
-        C.polyline_attention_fwd_cpu(q, k, v, la[..., :1], lb, 0.3, True, True)
-    with pytest.raises(RuntimeError, match="^log_beta:"):
-        C.polyline_attention_fwd_cpu(q, k, v, la, lb.to(torch.int64), 0.3, True, True)
-    out, lse, parts = C.polyline_attention_fwd_cpu(q, k, v, la, lb, 0.3, True, True)
-    with pytest.raises(RuntimeError, match="^lse:"):
-        C.polyline_attention_bwd_cpu(out, q, k, v, la, lb, out, parts, lse[:1], 0.3, True, True)
-    with pytest.raises(RuntimeError, match="^parts:"):
-        C.polyline_attention_bwd_cpu(out, q, k, v, la, lb, out, parts[:1], lse, 0.3, True, True)
+    with pytest.raises(ValueError, match="^log_alpha:"):
+        torch.ops.vitk.polyline_attention_fwd(q, k, v, la[..., :1], lb, 0.3, True, True)
+    with pytest.raises(ValueError, match="^log_beta:"):
+        torch.ops.vitk.polyline_attention_fwd(q, k, v, la, lb.to(torch.int64), 0.3, True, True)
+    out, lse, parts = torch.ops.vitk.polyline_attention_fwd(q, k, v, la, lb, 0.3, True, True)
+    with pytest.raises(ValueError, match="^lse:"):
+        torch.ops.vitk.polyline_attention_bwd(out, q, k, v, la, lb, out, parts, lse[:1], 0.3, True, True)
+    with pytest.raises(ValueError, match="^parts:"):
+        torch.ops.vitk.polyline_attention_bwd(out, q, k, v, la, lb, out, parts[:1], lse, 0.3, True, True)

@@ -11,7 +11,7 @@ _C, BUILD_INFO = _load()
 
 from . import dispatch as _dispatch  # noqa: E402
 
-_dispatch._set_build_info(BUILD_INFO)
+_dispatch._set_library(_C, BUILD_INFO)
 
 from . import ops, reference  # noqa: E402,F401
 from .dispatch import use_backend  # noqa: E402
@@ -22,9 +22,10 @@ from .ops.masked_attention import (axial_decay_attention, gaussian_mask_attentio
 from .convert import convert_  # noqa: E402
 
 
-def backends(device=None, *, print_table: bool = True):
-    """Per op and backend, why it cannot run on ``device`` (empty list: it can); prints a table."""
-    return _dispatch.backends(device, print_table=print_table)
+def backends(device=None) -> "_dispatch.BackendReport":
+    """Per op and backend, why it cannot run on ``device`` (empty list: it can), with each backend's
+    limits; its repr is a table (so a REPL shows it readably), and it indexes like a dict."""
+    return _dispatch.backends(device)
 
 
 __version__ = "0.1.0"

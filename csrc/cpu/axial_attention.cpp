@@ -2,7 +2,8 @@
 // primitive (attention among the tokens of each image row, axis = 2, or column, axis = 1, with the
 // segment sums of a per-token log decay along that axis added to the scores), forward and backward,
 // and the fused forward of the whole form (at the end of the file), whose backward in
-// vitkernels/ops/masked_attention.py is four calls of the primitive's backward.
+// vitkernels/ops/masked_attention.py is three calls of the primitive's backward (the two row
+// attentions share one call as two value streams).
 //
 // A problem is one (image, row or column, head): L = W or H queries and keys, tiny (7..56 tokens),
 // so one task is one problem and the task source hands them out in batches. The problem's tokens
@@ -30,6 +31,7 @@
 #include "vitk/decay_mask.h"
 #include "vitk/polyline_attention.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -169,8 +171,8 @@ void check_axial_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t axis) {
   check_image_qkv(q, k, v);
   decay::check_decay(ld, "log_decay", q);
-  TORCH_CHECK(axis == 1 || axis == 2, "axis: expected 1 (attention along H, within columns) or 2 (along W, within "
-              "rows), got ", axis);
+  TORCH_CHECK_VALUE(axis == 1 || axis == 2,
+                    "axis: expected 1 (attention along H, within columns) or 2 (along W, within rows), got ", axis);
 }
 
 // Queues the cache lines task ti reads from `ins` and writes to the contiguous outputs `outs`
@@ -579,8 +581,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_att
   decay::check_like_out(out, "out", q, v);
   decay::check_lse(lse, q);
   const bool two = grad_out2.has_value() && grad_out2->defined();
-  TORCH_CHECK(two == (v2.has_value() && v2->defined()) && two == (out2.has_value() && out2->defined()),
-              "grad_out2, v2, out2: expected all three (a second value stream) or none");
+  TORCH_CHECK_VALUE(two == (v2.has_value() && v2->defined()) && two == (out2.has_value() && out2->defined()),
+                    "grad_out2, v2, out2: expected all three (a second value stream) or none");
   if (two) {
     check_like(*v2, "v2", q, v.sizes());
     decay::check_like_out(*grad_out2, "grad_out2", q, v);
@@ -631,3 +633,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "axial_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::axial_attention_fwd);
+  VITK_IMPL(m, "axial_attention_bwd", vitk::Backend::kCpu, &vitk::cpu::axial_attention_bwd);
+  VITK_IMPL(m, "axial_decay_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::axial_decay_attention_fwd);
+}

@@ -37,6 +37,7 @@
 
 #include "vitk/checks.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -452,6 +453,13 @@ void argmin_finish(const ArgminPlan& pl, const ZView& zv, const scalar_t* z, con
 
 }  // namespace
 
+std::string codebook_argmin_limits(const at::Tensor&, const at::Tensor& codebook, bool) {
+  if (codebook.dim() >= 2 && codebook.size(-2) > kMaxCodes)
+    return c10::str("codebook of ", codebook.size(-2), " codes exceeds the cpu backend's limit of ", kMaxCodes,
+                    " codes");
+  return {};
+}
+
 std::tuple<at::Tensor, at::Tensor> codebook_argmin(const at::Tensor& z, const at::Tensor& codebook, bool cosine) {
   check_dtype_in(z, "z", {at::kFloat, at::kHalf, at::kBFloat16});
   check_dtype_in(codebook, "codebook", {at::kFloat, at::kHalf, at::kBFloat16});
@@ -463,16 +471,14 @@ std::tuple<at::Tensor, at::Tensor> codebook_argmin(const at::Tensor& z, const at
   const bool grouped = codebook.dim() == 3;
   const int64_t G = grouped ? codebook.size(0) : 1;
   const int64_t K = codebook.size(-2), D = codebook.size(-1);
-  TORCH_CHECK(z.dim() >= (grouped ? 2 : 1), "z: expected at least ", grouped ? 2 : 1,
-              " dimensions ([..., G, D] for a [G, K, D] codebook)", grouped ? "" : " ([..., D])", ", got shape ",
-              z.sizes());
-  TORCH_CHECK(z.size(-1) == D, "z: expected last dimension D=", D, " matching codebook of shape ", codebook.sizes(),
-              ", got shape ", z.sizes());
+  TORCH_CHECK_VALUE(z.dim() >= (grouped ? 2 : 1), "z: expected at least ", grouped ? 2 : 1,
+                    " dimensions ([..., G, D] for a [G, K, D] codebook)", grouped ? "" : " ([..., D])", ", got shape ",
+                    z.sizes());
+  TORCH_CHECK_VALUE(z.size(-1) == D, "z: expected last dimension D=", D, " matching codebook of shape ",
+                    codebook.sizes(), ", got shape ", z.sizes());
   if (grouped)
-    TORCH_CHECK(z.size(-2) == G, "z: expected z.size(-2) == G=", G, " matching codebook of shape ",
-                codebook.sizes(), ", got shape ", z.sizes());
-  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2, "codebook: at most ",
-              std::numeric_limits<int32_t>::max() / 2, " codes are supported, got ", K);
+    TORCH_CHECK_VALUE(z.size(-2) == G, "z: expected z.size(-2) == G=", G, " matching codebook of shape ",
+                      codebook.sizes(), ", got shape ", z.sizes());
 
   const int64_t lead = z.dim() - (grouped ? 2 : 1);
   int64_t N = 1;
@@ -559,8 +565,8 @@ at::Tensor codebook_lookup(const at::Tensor& indices, const at::Tensor& codebook
   const int64_t G = grouped ? codebook.size(0) : 1;
   const int64_t K = codebook.size(-2), D = codebook.size(-1);
   if (grouped)
-    TORCH_CHECK(indices.dim() >= 1 && indices.size(-1) == G, "indices: expected last dimension G=", G,
-                " matching codebook of shape ", codebook.sizes(), ", got shape ", indices.sizes());
+    TORCH_CHECK_VALUE(indices.dim() >= 1 && indices.size(-1) == G, "indices: expected last dimension G=", G,
+                      " matching codebook of shape ", codebook.sizes(), ", got shape ", indices.sizes());
 
   std::vector<int64_t> out_shape(indices.sizes().begin(), indices.sizes().end());
   out_shape.push_back(D);
@@ -628,25 +634,26 @@ void lookup_backward_impl(const at::Tensor& grad, const StridedRows& rows, int64
 }  // namespace
 
 at::Tensor codebook_lookup_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                                    at::IntArrayRef codebook_shape) {
+                                    c10::SymIntArrayRef codebook_sym_shape) {
+  const at::IntArrayRef codebook_shape = C10_AS_INTARRAYREF_SLOW(codebook_sym_shape);
   check_dtype_in(grad_output, "grad_output", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
   check_dtype_in(indices, "indices", {at::kLong, at::kInt});
   check_device_type(grad_output, "grad_output", c10::DeviceType::CPU);
   check_same_device(grad_output, "grad_output", indices, "indices");
-  TORCH_CHECK(codebook_shape.size() == 2 || codebook_shape.size() == 3,
-              "codebook_shape: expected [K, D] or [G, K, D], got ", codebook_shape);
+  TORCH_CHECK_VALUE(codebook_shape.size() == 2 || codebook_shape.size() == 3,
+                    "codebook_shape: expected [K, D] or [G, K, D], got ", codebook_shape);
   for (auto s : codebook_shape)
-    TORCH_CHECK(s >= 0, "codebook_shape: expected non-negative sizes, got ", codebook_shape);
+    TORCH_CHECK_VALUE(s >= 0, "codebook_shape: expected non-negative sizes, got ", codebook_shape);
   const bool grouped = codebook_shape.size() == 3;
   const int64_t G = grouped ? codebook_shape[0] : 1;
   const int64_t K = codebook_shape[codebook_shape.size() - 2], D = codebook_shape.back();
   if (grouped)
-    TORCH_CHECK(indices.dim() >= 1 && indices.size(-1) == G, "indices: expected last dimension G=", G,
-                " matching codebook_shape ", codebook_shape, ", got shape ", indices.sizes());
+    TORCH_CHECK_VALUE(indices.dim() >= 1 && indices.size(-1) == G, "indices: expected last dimension G=", G,
+                      " matching codebook_shape ", codebook_shape, ", got shape ", indices.sizes());
   std::vector<int64_t> expect(indices.sizes().begin(), indices.sizes().end());
   expect.push_back(D);
-  TORCH_CHECK(grad_output.sizes().equals(expect), "grad_output: expected shape ", at::IntArrayRef(expect),
-              " (indices' shape + [D]), got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.sizes().equals(expect), "grad_output: expected shape ", at::IntArrayRef(expect),
+                    " (indices' shape + [D]), got ", grad_output.sizes());
 
   at::Tensor out = at::zeros(codebook_shape, grad_output.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = indices.numel();
@@ -678,3 +685,10 @@ at::Tensor codebook_lookup_backward(const at::Tensor& grad_output, const at::Ten
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL_LIMITED(m, "codebook_argmin", vitk::Backend::kCpu, &vitk::cpu::codebook_argmin,
+                    &vitk::cpu::codebook_argmin_limits);
+  VITK_IMPL(m, "codebook_lookup", vitk::Backend::kCpu, &vitk::cpu::codebook_lookup);
+  VITK_IMPL(m, "codebook_lookup_backward", vitk::Backend::kCpu, &vitk::cpu::codebook_lookup_backward);
+}

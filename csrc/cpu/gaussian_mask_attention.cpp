@@ -45,6 +45,7 @@
 #include "vitk/checks.h"
 #include "vitk/image_layout.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -282,11 +283,11 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
        {std::pair<const at::Tensor&, const char*>{mix_weight, "mix_weight"}, {mix_sigma, "mix_sigma"}}) {
     check_dtype_in(t, name, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
     check_same_device(q, "q", t, name);
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == q.size(3) && t.size(1) >= 1, name, ": expected shape [heads, M] = [",
-                q.size(3), ", M] with M >= 1, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == q.size(3) && t.size(1) >= 1, name, ": expected shape [heads, M] = [",
+                      q.size(3), ", M] with M >= 1, got ", t.sizes());
   }
-  TORCH_CHECK(mix_sigma.sizes() == mix_weight.sizes(), "mix_sigma: expected the shape of mix_weight ",
-              mix_weight.sizes(), ", got ", mix_sigma.sizes());
+  TORCH_CHECK_VALUE(mix_sigma.sizes() == mix_weight.sizes(), "mix_sigma: expected the shape of mix_weight ",
+                    mix_weight.sizes(), ", got ", mix_sigma.sizes());
 }
 
 // ------------------------------------------------------------------------------ forward
@@ -604,3 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "gaussian_mask_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::gaussian_mask_attention_fwd);
+  VITK_IMPL(m, "gaussian_mask_attention_bwd", vitk::Backend::kCpu, &vitk::cpu::gaussian_mask_attention_bwd);
+}

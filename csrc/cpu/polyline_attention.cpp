@@ -45,6 +45,7 @@
 #include "vitk/checks.h"
 #include "vitk/decay_mask.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -1247,3 +1248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> polyline_
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "polyline_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::polyline_attention_fwd);
+  VITK_IMPL(m, "polyline_attention_bwd", vitk::Backend::kCpu, &vitk::cpu::polyline_attention_bwd);
+}

@@ -36,6 +36,7 @@
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -184,11 +185,12 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   }
   check_same_dtype(q, "q", k, "k");
   check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), "k: expected shape [",
-              q.size(0), ", Nk, ", q.size(2), ", ", q.size(3), "] (q's batch, heads and head_dim), got ", k.sizes());
-  TORCH_CHECK(k.size(1) >= 1, "k: expected at least one key, got shape ", k.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 3) == k.sizes().slice(0, 3), "v: expected shape ", k.sizes().slice(0, 3),
-              " + [head_dim_v], got ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), "k: expected shape [",
+                    q.size(0), ", Nk, ", q.size(2), ", ", q.size(3), "] (q's batch, heads and head_dim), got ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(k.size(1) >= 1, "k: expected at least one key, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes().slice(0, 3) == k.sizes().slice(0, 3), "v: expected shape ", k.sizes().slice(0, 3),
+                    " + [head_dim_v], got ", v.sizes());
   check_nonempty_dim(q, "q", 3, "head_dim");
   check_nonempty_dim(v, "v", 3, "head_dim");
 }
@@ -479,3 +481,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reduced_attention_bwd(const at::T
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "reduced_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::reduced_attention_fwd);
+  VITK_IMPL(m, "reduced_attention_bwd", vitk::Backend::kCpu, &vitk::cpu::reduced_attention_bwd);
+}

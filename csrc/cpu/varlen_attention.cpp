@@ -27,6 +27,7 @@
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
 #include "vitk/tiling.h"
+#include "vitk/registration.h"
 
 namespace vitk {
 namespace cpu {
@@ -79,16 +80,16 @@ void check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   check_same_dtype(q, "q", k, "k");
   check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v: expected shape ", q.sizes().slice(0, 2),
-              " + [head_dim_v], got ", v.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.size(0) == q.size(0) && v.size(1) == q.size(1), "v: expected shape ", q.sizes().slice(0, 2),
+                    " + [head_dim_v], got ", v.sizes());
   check_nonempty_dim(q, "q", 2, "head_dim");
   check_nonempty_dim(v, "v", 2, "head_dim");
   check_dtype_in(cu, "cu_seqlens", {at::kInt});
   check_device_type(cu, "cu_seqlens", c10::DeviceType::CPU);
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens: expected a 1-D tensor [segments + 1], got shape ",
-              cu.sizes());
-  TORCH_CHECK(max_seqlen >= 0, "max_seqlen: expected a non-negative integer, got ", max_seqlen);
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens: expected a 1-D tensor [segments + 1], got shape ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "max_seqlen: expected a non-negative integer, got ", max_seqlen);
 }
 
 // Reads and validates the segment offsets.
@@ -97,14 +98,14 @@ std::vector<int64_t> read_offsets(const at::Tensor& cu, int64_t total, int64_t m
   const int64_t n = cu.size(0), st = cu.stride(0);
   std::vector<int64_t> off(n);
   for (int64_t i = 0; i < n; ++i) off[i] = c[i * st];
-  TORCH_CHECK(off[0] == 0 && off[n - 1] == total, "cu_seqlens: expected to start at 0 and end at total=", total,
-              ", got ", off[0], "..", off[n - 1]);
+  TORCH_CHECK_VALUE(off[0] == 0 && off[n - 1] == total, "cu_seqlens: expected to start at 0 and end at total=", total,
+                    ", got ", off[0], "..", off[n - 1]);
   for (int64_t i = 0; i + 1 < n; ++i) {
     const int64_t len = off[i + 1] - off[i];
-    TORCH_CHECK(len >= 0, "cu_seqlens: expected non-decreasing offsets, got cu_seqlens[", i, "]=", off[i],
-                " > cu_seqlens[", i + 1, "]=", off[i + 1]);
-    TORCH_CHECK(len <= max_seqlen, "max_seqlen: expected at least the longest segment (", len, " tokens, segment ",
-                i, "), got ", max_seqlen);
+    TORCH_CHECK_VALUE(len >= 0, "cu_seqlens: expected non-decreasing offsets, got cu_seqlens[", i, "]=", off[i],
+                      " > cu_seqlens[", i + 1, "]=", off[i + 1]);
+    TORCH_CHECK_VALUE(len <= max_seqlen, "max_seqlen: expected at least the longest segment (", len,
+                      " tokens, segment ", i, "), got ", max_seqlen);
   }
   return off;
 }
@@ -392,3 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(const at::Te
 
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "varlen_attention_fwd", vitk::Backend::kCpu, &vitk::cpu::varlen_attention_fwd);
+  VITK_IMPL(m, "varlen_attention_bwd", vitk::Backend::kCpu, &vitk::cpu::varlen_attention_bwd);
+}

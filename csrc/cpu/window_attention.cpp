@@ -37,6 +37,7 @@
 #include "vitk/attention_core.h"
 #include "vitk/checks.h"
 #include "vitk/image_layout.h"
+#include "vitk/registration.h"
 #include "vitk/tiling.h"
 
 namespace vitk {
@@ -297,23 +298,36 @@ void fold_bias_grad(const Geometry& g, const float* dacc, int64_t LE, float* par
 
 // ------------------------------------------------------------------------------ checks
 
-void check_window_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t wh, int64_t ww,
-                       int64_t sh, int64_t sw, const c10::optional<at::Tensor>& bias) {
+// (wh, ww, sh, sw) from the schema's int[2] window_size and shift_size, checked.
+struct WindowArgs {
+  int64_t wh, ww, sh, sw;
+};
+
+WindowArgs window_args(at::IntArrayRef window_size, at::IntArrayRef shift_size) {
+  TORCH_CHECK_VALUE(window_size.size() == 2, "window_size: expected two integers, got ", window_size);
+  TORCH_CHECK_VALUE(shift_size.size() == 2, "shift_size: expected two integers, got ", shift_size);
+  const WindowArgs a{window_size[0], window_size[1], shift_size[0], shift_size[1]};
+  TORCH_CHECK_VALUE(a.wh >= 1 && a.ww >= 1, "window_size: expected positive sizes, got ", window_size);
+  TORCH_CHECK_VALUE(a.sh >= 0 && a.sh < a.wh && a.sw >= 0 && a.sw < a.ww,
+                    "shift_size: expected 0 <= shift < window per axis, got ", shift_size, " for window ",
+                    window_size);
+  return a;
+}
+
+WindowArgs check_window_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             at::IntArrayRef window_size, at::IntArrayRef shift_size,
+                             const c10::optional<at::Tensor>& bias) {
   check_image_qkv(q, k, v);
-  TORCH_CHECK(wh >= 1 && ww >= 1, "window_size: expected positive sizes, got (", wh, ", ", ww, ")");
-  TORCH_CHECK(sh >= 0 && sh < wh && sw >= 0 && sw < ww, "shift_size: expected 0 <= shift < window per axis, got (",
-              sh, ", ", sw, ") for window (", wh, ", ", ww, ")");
-  TORCH_CHECK(wh * ww <= 4096, "window_size: windows of at most 4096 tokens are supported, got (", wh, ", ", ww,
-              ")");
+  const WindowArgs a = window_args(window_size, shift_size);
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
     check_dtype_in(b, "rel_pos_bias", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
     check_same_device(q, "q", b, "rel_pos_bias");
-    const int64_t T = (2 * wh - 1) * (2 * ww - 1);
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == T && b.size(1) == q.size(3),
-                "rel_pos_bias: expected shape [(2*", wh, "-1)*(2*", ww, "-1), heads] = [", T, ", ", q.size(3),
-                "], got ", b.sizes());
+    const int64_t T = (2 * a.wh - 1) * (2 * a.ww - 1);
+    TORCH_CHECK_VALUE(b.dim() == 2 && b.size(0) == T && b.size(1) == q.size(3), "rel_pos_bias: expected shape [(2*",
+                      a.wh, "-1)*(2*", a.ww, "-1), heads] = [", T, ", ", q.size(3), "], got ", b.sizes());
   }
+  return a;
 }
 
 bool has_bias(const c10::optional<at::Tensor>& b) { return b.has_value() && b->defined(); }
@@ -507,10 +521,19 @@ void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& 
 
 }  // namespace
 
+std::string window_attention_limits(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    at::IntArrayRef window_size, at::IntArrayRef, const c10::optional<at::Tensor>&,
+                                    double) {
+  if (window_size.size() == 2 && window_size[0] * window_size[1] > kMaxWindowTokens)
+    return c10::str("window_size ", window_size, " exceeds the cpu backend's limit of ", kMaxWindowTokens,
+                    " tokens per window");
+  return {};
+}
+
 std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+                                                        at::IntArrayRef window_size, at::IntArrayRef shift_size,
                                                         const c10::optional<at::Tensor>& rel_pos_bias, double scale) {
-  check_window_args(q, k, v, wh, ww, sh, sw, rel_pos_bias);
+  const auto [wh, ww, sh, sw] = check_window_args(q, k, v, window_size, shift_size, rel_pos_bias);
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
   oshape[4] = v.size(4);
   at::Tensor out = at::empty(oshape, q.options());
@@ -528,9 +551,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd(const at::Tensor& q, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, int64_t wh, int64_t ww, int64_t sh, int64_t sw,
+    const at::Tensor& lse, at::IntArrayRef window_size, at::IntArrayRef shift_size,
     const c10::optional<at::Tensor>& rel_pos_bias, double scale, bool bias_grad) {
-  check_window_args(q, k, v, wh, ww, sh, sw, rel_pos_bias);
+  const auto [wh, ww, sh, sw] = check_window_args(q, k, v, window_size, shift_size, rel_pos_bias);
   std::vector<int64_t> oshape(q.sizes().begin(), q.sizes().end());
   oshape[4] = v.size(4);
   check_like(grad_out, "grad_out", q, oshape);
@@ -569,5 +592,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   return {dq, dk, dv, dbias};
 }
 
+std::string window_attention_bwd_limits(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, at::IntArrayRef window_size,
+                                        at::IntArrayRef shift_size, const c10::optional<at::Tensor>& rel_pos_bias,
+                                        double scale, bool) {
+  return window_attention_limits({}, {}, {}, window_size, shift_size, rel_pos_bias, scale);
+}
+
 }  // namespace cpu
 }  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  using vitk::Backend;
+  VITK_IMPL_LIMITED(m, "window_attention_fwd", Backend::kCpu, &vitk::cpu::window_attention_fwd,
+                    &vitk::cpu::window_attention_limits);
+  VITK_IMPL_LIMITED(m, "window_attention_bwd", Backend::kCpu, &vitk::cpu::window_attention_bwd,
+                    &vitk::cpu::window_attention_bwd_limits);
+}

@@ -4,140 +4,81 @@ torch.ops.vitk.codebook_argmin(z, codebook, *, cosine=False) -> (indices, distan
 torch.ops.vitk.codebook_lookup(indices, codebook) -> Tensor            (differentiable in codebook)
 torch.ops.vitk.codebook_lookup_backward(grad_output, indices, codebook_shape) -> Tensor
 
-Schemas live in csrc/vitk.cpp; this module binds each op's CPU and CUDA dispatch keys to a router
-that validates the arguments (the same checks the fake kernels run under torch.compile) and calls
-the backend vitkernels.dispatch.choose picks: the C++ CPU kernel, the CUDA kernel, or Triton.
+Schemas in csrc/vitk.cpp, C++ kernels in csrc/cpu/codebook.cpp and csrc/cuda/codebook.cpp; this
+module declares the rest (checks, fakes, backends, autograd) through ops/_define.py.
 """
 from typing import List
 
 import torch
 
-from .. import dispatch
-from .._lib import load as _load
+from ..dispatch import ALL_FLOAT_DTYPES, FLOAT_DTYPES
+from . import _checks as check
+from ._define import Limit, cpp, define, triton
 
-_C, _ = _load()
-
-_ARGMIN, _LOOKUP, _LOOKUP_BWD = "codebook_argmin", "codebook_lookup", "codebook_lookup_backward"
-
-
-def _triton():
-    from ..triton import codebook as tk
-    return tk
+# The CPU search keeps block indices in int32 lanes (vitk::cpu::kMaxCodes).
+MAX_CPU_CODES = (2**31 - 1) // 2
+INDEX_DTYPES = {torch.int64, torch.int32}
 
 
-# ---------------------------------------------------------------- argument checks
-def _check_argmin_args(z: torch.Tensor, codebook: torch.Tensor) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z: expected a Tensor, got {type(z).__name__}")
-    if not isinstance(codebook, torch.Tensor):
-        raise TypeError(f"codebook: expected a Tensor, got {type(codebook).__name__}")
+def _codebook(name, codebook, ref_name, ref):
+    check.tensor(name, codebook, dims=None, like=(ref_name, ref))
     if codebook.dim() not in (2, 3):
-        raise ValueError(f"codebook: expected 2 dimensions [K, D] or 3 dimensions [G, K, D], got shape {tuple(codebook.shape)}")
-    if z.dtype not in dispatch.FLOAT_DTYPES:
-        raise ValueError(f"z: expected dtype float32, float16 or bfloat16, got {z.dtype}")
-    if codebook.dtype != z.dtype:
-        raise ValueError(f"codebook: expected the same dtype as z ({z.dtype}), got {codebook.dtype}")
-    if codebook.device != z.device:
-        raise ValueError(f"codebook: expected a tensor on z's device ({z.device}), got one on {codebook.device}")
+        raise ValueError(f"{name}: expected 2 dimensions [K, D] or 3 dimensions [G, K, D], "
+                         f"got shape {tuple(codebook.shape)}")
+    if codebook.shape[-2] == 0:
+        raise ValueError(f"{name}: expected at least one code, got an empty codebook of shape {tuple(codebook.shape)}")
+
+
+# ---------------------------------------------------------------- codebook_argmin
+def _check_argmin(z, codebook, cosine):
+    check.tensor("z", z, dtypes=FLOAT_DTYPES)
+    _codebook("codebook", codebook, "z", z)
+    check.same_dtype("codebook", codebook, "z", z)
     K, D = codebook.shape[-2], codebook.shape[-1]
-    if K == 0:
-        raise ValueError(f"codebook: expected at least one code, got an empty codebook of shape {tuple(codebook.shape)}")
     if D == 0:
         raise ValueError(f"codebook: expected a non-empty code dimension D, got shape {tuple(codebook.shape)}")
     if z.dim() < 1 or z.shape[-1] != D:
-        raise ValueError(f"z: expected last dimension D={D} to match codebook {tuple(codebook.shape)}, got shape {tuple(z.shape)}")
+        raise ValueError(f"z: expected last dimension D={D} to match codebook {tuple(codebook.shape)}, "
+                         f"got shape {tuple(z.shape)}")
     if codebook.dim() == 3 and (z.dim() < 2 or z.shape[-2] != codebook.shape[0]):
         raise ValueError(f"z: expected shape [..., G={codebook.shape[0]}, D={D}] for a grouped codebook "
                          f"{tuple(codebook.shape)}, got {tuple(z.shape)}")
 
 
-def _check_lookup_args(indices: torch.Tensor, codebook: torch.Tensor) -> None:
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices: expected a Tensor, got {type(indices).__name__}")
-    if not isinstance(codebook, torch.Tensor):
-        raise TypeError(f"codebook: expected a Tensor, got {type(codebook).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"indices: expected dtype int64 or int32, got {indices.dtype}")
-    if codebook.dim() not in (2, 3):
-        raise ValueError(f"codebook: expected 2 dimensions [K, D] or 3 dimensions [G, K, D], got shape {tuple(codebook.shape)}")
+def _argmin_fake(z, codebook, cosine):
+    shape = z.shape[:-1]
+    return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=torch.float32)
+
+
+define("codebook_argmin", check=_check_argmin, fake=_argmin_fake, backends=[
+    cpp("cpu", limits=[Limit("codes", MAX_CPU_CODES, lambda z, codebook, cosine: codebook.shape[-2])]),
+    triton("codebook"),
+])
+
+
+# ---------------------------------------------------------------- codebook_lookup
+def _check_lookup(indices, codebook):
+    check.tensor("indices", indices, dtypes=INDEX_DTYPES)
+    _codebook("codebook", codebook, "indices", indices)
     if not codebook.dtype.is_floating_point:
         raise ValueError(f"codebook: expected a floating-point dtype, got {codebook.dtype}")
-    if codebook.device != indices.device:
-        raise ValueError(f"codebook: expected a tensor on indices' device ({indices.device}), got one on {codebook.device}")
-    if codebook.shape[-2] == 0:
-        raise ValueError(f"codebook: expected at least one code, got an empty codebook of shape {tuple(codebook.shape)}")
     if codebook.dim() == 3 and (indices.dim() < 1 or indices.shape[-1] != codebook.shape[0]):
         raise ValueError(f"indices: expected shape [..., G={codebook.shape[0]}] for a grouped codebook "
                          f"{tuple(codebook.shape)}, got {tuple(indices.shape)}")
 
 
-def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
-    # The C++ CPU kernel checks while it copies; GPU kernels cannot raise, so their callers pay one
-    # reduction (and a sync) here rather than read out of bounds.
+def check_index_range(indices: torch.Tensor, num_codes: int) -> None:
+    """Out-of-range indices raise IndexError, as the C++ kernels do. GPU kernels cannot raise, so their
+    launchers pay this one reduction (and a sync) instead of reading out of bounds."""
     if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = torch.aminmax(indices)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_codes:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"indices: expected values in [0, {num_codes}), got {bad}")
+            raise IndexError(f"indices: expected values in [0, {num_codes}), got {lo if lo < 0 else hi}")
 
 
-# ---------------------------------------------------------------- codebook_argmin
-@torch.library.register_fake(f"vitk::{_ARGMIN}")
-def _argmin_fake(z, codebook, *, cosine=False):
-    _check_argmin_args(z, codebook)
-    shape = z.shape[:-1]
-    return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=torch.float32)
-
-
-def _argmin_router(z, codebook, *, cosine=False):
-    _check_argmin_args(z, codebook)
-    impl = dispatch.choose(_ARGMIN, z.device.type, z.dtype)
-    return impl.fn(z, codebook, cosine)
-
-
-# ---------------------------------------------------------------- codebook_lookup
-def _lookup_shape(indices, codebook):
-    return (*indices.shape, codebook.shape[-1])
-
-
-@torch.library.register_fake(f"vitk::{_LOOKUP}")
 def _lookup_fake(indices, codebook):
-    _check_lookup_args(indices, codebook)
-    return codebook.new_empty(_lookup_shape(indices, codebook))
-
-
-def _lookup_router(indices, codebook):
-    _check_lookup_args(indices, codebook)
-    impl = dispatch.choose(_LOOKUP, codebook.device.type, codebook.dtype)
-    if impl.backend != "cpu":
-        _check_index_range(indices, codebook.shape[-2])
-    return impl.fn(indices, codebook)
-
-
-# ---------------------------------------------------------------- codebook_lookup_backward
-def _check_lookup_backward_args(grad_output, indices, codebook_shape):
-    shape = list(codebook_shape)
-    if len(shape) not in (2, 3):
-        raise ValueError(f"codebook_shape: expected [K, D] or [G, K, D], got {shape}")
-    if tuple(grad_output.shape) != (*indices.shape, shape[-1]):
-        raise ValueError(f"grad_output: expected shape {(*indices.shape, shape[-1])} (indices.shape + [D]), "
-                         f"got {tuple(grad_output.shape)}")
-    if len(shape) == 3 and (indices.dim() < 1 or indices.shape[-1] != shape[0]):
-        raise ValueError(f"indices: expected shape [..., G={shape[0]}], got {tuple(indices.shape)}")
-    if indices.device != grad_output.device:
-        raise ValueError(f"indices: expected a tensor on grad_output's device ({grad_output.device}), got {indices.device}")
-
-
-@torch.library.register_fake(f"vitk::{_LOOKUP_BWD}")
-def _lookup_backward_fake(grad_output, indices, codebook_shape):
-    _check_lookup_backward_args(grad_output, indices, codebook_shape)
-    return grad_output.new_empty(list(codebook_shape))
-
-
-def _lookup_backward_router(grad_output, indices, codebook_shape):
-    _check_lookup_backward_args(grad_output, indices, codebook_shape)
-    impl = dispatch.choose(_LOOKUP_BWD, grad_output.device.type, grad_output.dtype)
-    return impl.fn(grad_output, indices, list(codebook_shape))
+    return codebook.new_empty((*indices.shape, codebook.shape[-1]))
 
 
 def _lookup_setup_context(ctx, inputs, output):
@@ -154,34 +95,39 @@ def _lookup_backward(ctx, grad_output):
     return None, grad_codebook
 
 
-torch.library.register_autograd(f"vitk::{_LOOKUP}", _lookup_backward, setup_context=_lookup_setup_context)
+define("codebook_lookup", check=_check_lookup, fake=_lookup_fake, device_arg=1,
+       autograd=(_lookup_backward, _lookup_setup_context), backends=[
+           cpp("cpu", dtypes=ALL_FLOAT_DTYPES),
+           cpp("cuda", dtypes=ALL_FLOAT_DTYPES),
+           triton("codebook", dtypes=ALL_FLOAT_DTYPES,
+                  guard=lambda indices, codebook: check_index_range(indices, codebook.shape[-2])),
+       ])
 
-for _op, _router in ((_ARGMIN, _argmin_router), (_LOOKUP, _lookup_router), (_LOOKUP_BWD, _lookup_backward_router)):
-    torch.library.register_kernel(f"vitk::{_op}", ("cpu", "cuda"), _router)
+
+# ---------------------------------------------------------------- codebook_lookup_backward
+def _check_lookup_backward(grad_output, indices, codebook_shape):
+    check.tensor("grad_output", grad_output, dtypes=ALL_FLOAT_DTYPES)
+    check.tensor("indices", indices, dtypes=INDEX_DTYPES, like=("grad_output", grad_output))
+    shape = list(codebook_shape)
+    if len(shape) not in (2, 3) or any(s < 0 for s in shape):
+        raise ValueError(f"codebook_shape: expected [K, D] or [G, K, D] of non-negative sizes, got {shape}")
+    if tuple(grad_output.shape) != (*indices.shape, shape[-1]):
+        raise ValueError(f"grad_output: expected shape {(*indices.shape, shape[-1])} (indices.shape + [D]), "
+                         f"got {tuple(grad_output.shape)}")
+    if len(shape) == 3 and (indices.dim() < 1 or indices.shape[-1] != shape[0]):
+        raise ValueError(f"indices: expected shape [..., G={shape[0]}], got {tuple(indices.shape)}")
 
 
-# ---------------------------------------------------------------- backends, in order of preference
-dispatch.register(_ARGMIN, "cpu", _C.codebook_argmin_cpu, devices=("cpu",), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_ARGMIN, "triton", lambda z, cb, cos: _triton().codebook_argmin(z, cb, cos),
-                  devices=("cuda", "cpu"), dtypes=dispatch.FLOAT_DTYPES)
+def _lookup_backward_fake(grad_output, indices, codebook_shape):
+    return grad_output.new_empty(list(codebook_shape))
 
-dispatch.register(_LOOKUP, "cpu", _C.codebook_lookup_cpu, devices=("cpu",), dtypes=dispatch.ALL_FLOAT_DTYPES)
-dispatch.register(_LOOKUP_BWD, "cpu", _C.codebook_lookup_backward_cpu, devices=("cpu",),
-                  dtypes=dispatch.ALL_FLOAT_DTYPES)
-if hasattr(_C, "codebook_lookup_cuda"):
-    dispatch.register(_LOOKUP, "cuda", _C.codebook_lookup_cuda, devices=("cuda",), dtypes=dispatch.ALL_FLOAT_DTYPES)
-    dispatch.register(_LOOKUP_BWD, "cuda", _C.codebook_lookup_backward_cuda, devices=("cuda",),
-                      dtypes=dispatch.ALL_FLOAT_DTYPES)
-else:
-    # Declared so backends() can say why it cannot run; choose() rejects it on the build check.
-    def _not_built(*args):
-        raise RuntimeError("the CUDA kernels were not compiled")
-    dispatch.register(_LOOKUP, "cuda", _not_built, devices=("cuda",), dtypes=dispatch.ALL_FLOAT_DTYPES)
-    dispatch.register(_LOOKUP_BWD, "cuda", _not_built, devices=("cuda",), dtypes=dispatch.ALL_FLOAT_DTYPES)
-dispatch.register(_LOOKUP, "triton", lambda idx, cb: _triton().codebook_lookup(idx, cb),
-                  devices=("cuda", "cpu"), dtypes=dispatch.ALL_FLOAT_DTYPES)
-dispatch.register(_LOOKUP_BWD, "triton", lambda g, idx, shape: _triton().codebook_lookup_backward(g, idx, shape),
-                  devices=("cuda", "cpu"), dtypes=dispatch.ALL_FLOAT_DTYPES)
+
+define("codebook_lookup_backward", check=_check_lookup_backward, fake=_lookup_backward_fake, backends=[
+    cpp("cpu", dtypes=ALL_FLOAT_DTYPES),
+    cpp("cuda", dtypes=ALL_FLOAT_DTYPES),
+    triton("codebook", dtypes=ALL_FLOAT_DTYPES,
+           guard=lambda grad_output, indices, shape: check_index_range(indices, shape[-2])),
+])
 
 
 # ---------------------------------------------------------------- Python API

@@ -3,142 +3,49 @@
 torch.ops.vitk.window_attention(q, k, v, window_size, shift_size=[0,0], rel_pos_bias=None, scale=None)
 torch.ops.vitk.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None)
 
-Both public ops are composites over a forward op that also returns the log-sum-exp, which autograd
-saves (with q, k, v and the output) for the backward op: nothing of size N x N is ever stored.
+Both public ops are composites (csrc/composites.cpp) over a forward op that also returns the
+log-sum-exp, which autograd saves (with q, k, v and the output) for the backward op: nothing of size
+N x N is ever stored. This module declares the forward and backward ops (ops/_define.py).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .. import dispatch
-from .._lib import load as _load
+from ..dispatch import ALL_FLOAT_DTYPES
+from . import _checks as check
+from ._define import Limit, cpp, define, triton
 
-_C, _ = _load()
-
-_WFWD, _WBWD, _VFWD, _VBWD = ("window_attention_fwd", "window_attention_bwd",
-                              "varlen_attention_fwd", "varlen_attention_bwd")
-
-
-def _triton():
-    from ..triton import window_attention as tk
-    return tk
+# vitk::cpu::kMaxWindowTokens: the CPU kernels' largest window.
+MAX_CPU_WINDOW_TOKENS = 4096
 
 
-# ---------------------------------------------------------------- argument checks
-def _check_qkv(q, k, v, dims: int, layout: str):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{name}: expected {dims} dimensions {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in dispatch.FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected the same dtype as q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected a tensor on q's device ({q.device}), got one on {t.device}")
-    if k.shape != q.shape:
-        raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v: expected shape {tuple(q.shape[:-1])} + [head_dim_v], got {tuple(v.shape)}")
-    if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"q: expected a non-empty head_dim, got q {tuple(q.shape)} and v {tuple(v.shape)}")
-
-
-def _pair(x, name):
-    try:
-        a, b = (int(t) for t in x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected two integers, got {x!r}") from None
-    return a, b
-
-
-def _check_window_args(q, k, v, window_size, shift_size, rel_pos_bias):
-    _check_qkv(q, k, v, 5, "[B, H, W, heads, head_dim]")
-    wh, ww = _pair(window_size, "window_size")
-    sh, sw = _pair(shift_size, "shift_size")
+# ---------------------------------------------------------------- window attention
+def _check_window(q, k, v, window_size, shift_size, rel_pos_bias, scale):
+    check.image_qkv(q, k, v)
+    wh, ww = check.pair(window_size, "window_size")
+    sh, sw = check.pair(shift_size, "shift_size")
     if wh < 1 or ww < 1:
         raise ValueError(f"window_size: expected positive sizes, got {(wh, ww)}")
     if not (0 <= sh < wh and 0 <= sw < ww):
         raise ValueError(f"shift_size: expected 0 <= shift < window per axis, got {(sh, sw)} for window {(wh, ww)}")
     if rel_pos_bias is not None:
-        heads = q.shape[3]
-        want = ((2 * wh - 1) * (2 * ww - 1), heads)
-        if not isinstance(rel_pos_bias, torch.Tensor) or not rel_pos_bias.dtype.is_floating_point:
-            raise ValueError("rel_pos_bias: expected a floating-point tensor")
+        check.tensor("rel_pos_bias", rel_pos_bias, dtypes=ALL_FLOAT_DTYPES, like=("q", q))
+        want = ((2 * wh - 1) * (2 * ww - 1), q.shape[3])
         if tuple(rel_pos_bias.shape) != want:
             raise ValueError(f"rel_pos_bias: expected shape [(2*{wh}-1)*(2*{ww}-1), heads] = {list(want)}, "
                              f"got {list(rel_pos_bias.shape)}")
-        if rel_pos_bias.device != q.device:
-            raise ValueError(f"rel_pos_bias: expected a tensor on q's device ({q.device}), got one on {rel_pos_bias.device}")
-    return (wh, ww), (sh, sw)
 
 
-def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen):
-    _check_qkv(q, k, v, 3, "[total, heads, head_dim]")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise ValueError(f"cu_seqlens: expected a 1-D int32 tensor [segments + 1], got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if cu_seqlens.numel() < 1:
-        raise ValueError("cu_seqlens: expected at least one entry (0)")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens: expected a tensor on q's device ({q.device}), got one on {cu_seqlens.device}")
-    if int(max_seqlen) < 0:
-        raise ValueError(f"max_seqlen: expected a non-negative integer, got {max_seqlen}")
+def _window_limit(position: int) -> Limit:
+    """The CPU kernels' window limit, measured on the window_size at argument ``position``."""
+    def tokens(*args):
+        wh, ww = check.pair(args[position], "window_size")
+        return wh * ww
+    return Limit("tokens per window", MAX_CPU_WINDOW_TOKENS, tokens)
 
 
-def _check_cu_values(cu_seqlens, total, max_seqlen):
-    # Data-dependent: runs on real tensors only, before any kernel indexes with them.
-    cu = cu_seqlens.cpu()
-    if cu[0].item() != 0 or cu[-1].item() != total:
-        raise ValueError(f"cu_seqlens: expected to start at 0 and end at total={total}, got {cu[0].item()}..{cu[-1].item()}")
-    lens = cu[1:] - cu[:-1]
-    if lens.numel() and lens.min().item() < 0:
-        raise ValueError("cu_seqlens: expected non-decreasing offsets")
-    if lens.numel() and lens.max().item() > max_seqlen:
-        raise ValueError(f"max_seqlen: expected at least the longest segment ({lens.max().item()}), got {max_seqlen}")
-
-
-def _scale(q, scale):
-    return float(q.shape[-1] ** -0.5) if scale is None else float(scale)
-
-
-# ---------------------------------------------------------------- window attention
-def _window_attention(q, k, v, window_size, shift_size=(0, 0), rel_pos_bias=None, scale=None):
-    out, _ = torch.ops.vitk.window_attention_fwd(q, k, v, list(window_size), list(shift_size), rel_pos_bias,
-                                                 _scale(q, scale))
-    return out
-
-
-torch.library.impl("vitk::window_attention", "CompositeImplicitAutograd")(_window_attention)
-
-
-@torch.library.register_fake(f"vitk::{_WFWD}")
 def _wfwd_fake(q, k, v, window_size, shift_size, rel_pos_bias, scale):
-    _check_window_args(q, k, v, window_size, shift_size, rel_pos_bias)
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-def _wfwd_router(q, k, v, window_size, shift_size, rel_pos_bias, scale):
-    win, shift = _check_window_args(q, k, v, window_size, shift_size, rel_pos_bias)
-    impl = dispatch.choose(_WFWD, q.device.type, q.dtype)
-    return impl.fn(q, k, v, win, shift, rel_pos_bias, scale)
-
-
-@torch.library.register_fake(f"vitk::{_WBWD}")
-def _wbwd_fake(grad_out, q, k, v, out, lse, window_size, shift_size, rel_pos_bias, scale, bias_grad):
-    dbias = (torch.empty_like(rel_pos_bias) if (bias_grad and rel_pos_bias is not None)
-             else q.new_empty((0,)))
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format), dbias
-
-
-def _wbwd_router(grad_out, q, k, v, out, lse, window_size, shift_size, rel_pos_bias, scale, bias_grad):
-    win, shift = _check_window_args(q, k, v, window_size, shift_size, rel_pos_bias)
-    impl = dispatch.choose(_WBWD, q.device.type, q.dtype)
-    return impl.fn(grad_out, q, k, v, out, lse, win, shift, rel_pos_bias, scale, bool(bias_grad))
+    return check.out_like(q, v), check.lse_of(q)
 
 
 def _wfwd_setup(ctx, inputs, output):
@@ -157,40 +64,55 @@ def _wfwd_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, (dbias if bias_grad else None), None
 
 
-torch.library.register_autograd(f"vitk::{_WFWD}", _wfwd_backward, setup_context=_wfwd_setup)
+define("window_attention_fwd", check=_check_window, fake=_wfwd_fake, autograd=(_wfwd_backward, _wfwd_setup),
+       backends=[cpp("cpu", limits=[_window_limit(3)]), triton("window_attention")])
+
+
+def _check_window_bwd(grad_out, q, k, v, out, lse, window_size, shift_size, rel_pos_bias, scale, bias_grad):
+    _check_window(q, k, v, window_size, shift_size, rel_pos_bias, scale)
+    check.like("grad_out", grad_out, q, (*q.shape[:-1], v.shape[-1]))
+    check.like("out", out, q, (*q.shape[:-1], v.shape[-1]))
+    check.lse_like(lse, q, q.shape[:-1])
+
+
+def _wbwd_fake(grad_out, q, k, v, out, lse, window_size, shift_size, rel_pos_bias, scale, bias_grad):
+    dbias = check.grad_like(rel_pos_bias) if (bias_grad and rel_pos_bias is not None) else check.empty(q)
+    return check.grad_like(q), check.grad_like(k), check.grad_like(v), dbias
+
+
+define("window_attention_bwd", check=_check_window_bwd, fake=_wbwd_fake, device_arg=1,
+       backends=[cpp("cpu", limits=[_window_limit(6)]), triton("window_attention")])
 
 
 # ---------------------------------------------------------------- varlen attention
-def _varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
-    out, _ = torch.ops.vitk.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, _scale(q, scale))
-    return out
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    check.qkv(q, k, v, 3, "[total, heads, head_dim]")
+    check.tensor("cu_seqlens", cu_seqlens, dtypes={torch.int32}, dims=1, layout="[segments + 1]", like=("q", q))
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens: expected at least one entry (0)")
+    if int(max_seqlen) < 0:
+        raise ValueError(f"max_seqlen: expected a non-negative integer, got {max_seqlen}")
 
 
-torch.library.impl("vitk::varlen_attention", "CompositeImplicitAutograd")(_varlen_attention)
+def check_cu_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """The offsets themselves, which index q, k, v: 0 = cu[0] <= ... <= cu[-1] = total, no segment longer
+    than max_seqlen. Data-dependent, so it runs on real tensors only (a Triton guard; the C++ kernels
+    check while they plan)."""
+    cu = cu_seqlens.cpu().long()
+    if cu[0].item() != 0 or cu[-1].item() != total:
+        raise ValueError(f"cu_seqlens: expected to start at 0 and end at total={total}, "
+                         f"got {cu[0].item()}..{cu[-1].item()}")
+    lens = cu[1:] - cu[:-1]
+    if lens.numel() and lens.min().item() < 0:
+        i = int((lens < 0).nonzero()[0, 0]) + 1
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i}]={cu[i].item()} "
+                         f"< cu_seqlens[{i - 1}]={cu[i - 1].item()}")
+    if lens.numel() and lens.max().item() > max_seqlen:
+        raise ValueError(f"max_seqlen: expected at least the longest segment ({lens.max().item()}), got {max_seqlen}")
 
 
-@torch.library.register_fake(f"vitk::{_VFWD}")
 def _vfwd_fake(q, k, v, cu_seqlens, max_seqlen, scale):
-    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-def _vfwd_router(q, k, v, cu_seqlens, max_seqlen, scale):
-    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
-    _check_cu_values(cu_seqlens, q.shape[0], max_seqlen)
-    impl = dispatch.choose(_VFWD, q.device.type, q.dtype)
-    return impl.fn(q, k, v, cu_seqlens, int(max_seqlen), scale)
-
-
-@torch.library.register_fake(f"vitk::{_VBWD}")
-def _vbwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
-def _vbwd_router(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen)
-    impl = dispatch.choose(_VBWD, q.device.type, q.dtype)
-    return impl.fn(grad_out, q, k, v, out, lse, cu_seqlens, int(max_seqlen), scale)
+    return check.out_like(q, v), check.lse_of(q)
 
 
 def _vfwd_setup(ctx, inputs, output):
@@ -207,42 +129,35 @@ def _vfwd_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None
 
 
-torch.library.register_autograd(f"vitk::{_VFWD}", _vfwd_backward, setup_context=_vfwd_setup)
-
-for _op, _router in ((_WFWD, _wfwd_router), (_WBWD, _wbwd_router), (_VFWD, _vfwd_router), (_VBWD, _vbwd_router)):
-    torch.library.register_kernel(f"vitk::{_op}", ("cpu", "cuda"), _router)
-
-
-# ---------------------------------------------------------------- backends, in order of preference
-def _cpu_window_fwd(q, k, v, win, shift, bias, scale):
-    return _C.window_attention_fwd_cpu(q, k, v, win[0], win[1], shift[0], shift[1], bias, scale)
+define("varlen_attention_fwd", check=_check_varlen, fake=_vfwd_fake, autograd=(_vfwd_backward, _vfwd_setup),
+       backends=[cpp("cpu"), triton("window_attention", guard=lambda q, k, v, cu, max_seqlen, scale:
+                                    check_cu_values(cu, q.shape[0], max_seqlen))])
 
 
-def _cpu_window_bwd(g, q, k, v, out, lse, win, shift, bias, scale, bias_grad):
-    return _C.window_attention_bwd_cpu(g, q, k, v, out, lse, win[0], win[1], shift[0], shift[1], bias, scale,
-                                       bias_grad)
+def _check_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    check.like("grad_out", grad_out, q, (*q.shape[:-1], v.shape[-1]))
+    check.like("out", out, q, (*q.shape[:-1], v.shape[-1]))
+    check.lse_like(lse, q, q.shape[:-1])
 
 
-dispatch.register(_WFWD, "cpu", _cpu_window_fwd, devices=("cpu",), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_WBWD, "cpu", _cpu_window_bwd, devices=("cpu",), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_VFWD, "cpu", _C.varlen_attention_fwd_cpu, devices=("cpu",), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_VBWD, "cpu", _C.varlen_attention_bwd_cpu, devices=("cpu",), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_WFWD, "triton", lambda *a: _triton().window_attention_fwd(*a),
-                  devices=("cuda", "cpu"), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_WBWD, "triton", lambda *a: _triton().window_attention_bwd(*a),
-                  devices=("cuda", "cpu"), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_VFWD, "triton", lambda *a: _triton().varlen_attention_fwd(*a),
-                  devices=("cuda", "cpu"), dtypes=dispatch.FLOAT_DTYPES)
-dispatch.register(_VBWD, "triton", lambda *a: _triton().varlen_attention_bwd(*a),
-                  devices=("cuda", "cpu"), dtypes=dispatch.FLOAT_DTYPES)
+def _vbwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return check.grad_like(q), check.grad_like(k), check.grad_like(v)
+
+
+define("varlen_attention_bwd", check=_check_varlen_bwd, fake=_vbwd_fake, device_arg=1,
+       backends=[cpp("cpu"), triton("window_attention", guard=lambda g, q, k, v, o, l, cu, max_seqlen, scale:
+                                    check_cu_values(cu, q.shape[0], max_seqlen))])
 
 
 # ---------------------------------------------------------------- Python API
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Sequence[int],
-                     shift_size: Sequence[int] = (0, 0), rel_pos_bias: Optional[torch.Tensor] = None,
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Union[int, Sequence[int]],
+                     shift_size: Union[int, Sequence[int]] = (0, 0), rel_pos_bias: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
-    """Swin's shifted-window attention on per-token q, k, v [B, H, W, heads, head_dim]; see the op."""
-    return torch.ops.vitk.window_attention(q, k, v, list(window_size), list(shift_size), rel_pos_bias, scale)
+    """Swin's shifted-window attention on per-token q, k, v [B, H, W, heads, head_dim]; see the op. An int
+    window or shift size means the same on both axes, as in timm."""
+    return torch.ops.vitk.window_attention(q, k, v, check.pair(window_size, "window_size"),
+                                           check.pair(shift_size, "shift_size"), rel_pos_bias, scale)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -1,7 +1,7 @@
 // CPU entry point of the fused forward of PPMA's criss-cross ("chunk") attention,
 // out = 0.5 A_h(A_w v) + 0.5 A_w(A_h v) (kernel in csrc/cpu/axial_attention.cpp, beside the one-axis
-// primitive it fuses; declared in polyline_attention.h). Bound to Python in bindings.cpp and routed to
-// from vitkernels/ops/masked_attention.py; semantics: vitkernels/reference/masked_attention.py.
+// primitive it fuses; declared in polyline_attention.h), with its op's schema signature and
+// registered as the op's CPU kernel; semantics: vitkernels/reference/masked_attention.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,8 +18,9 @@ namespace cpu {
 //   parts [2, B, H, W, heads, dv]  o_wh = A_h y_w, o_hw = A_w y_h
 //   mids  [2, B, H, W, heads, dv]  y_w = A_w v, y_h = A_h v
 //   lse   fp32 [2, B, H, W, heads] log-sum-exp of the row softmax (A_w) and of the column softmax (A_h)
-// so that the backward is four calls of axial_attention_bwd: (o_wh; axis 1, lse[1], v = y_w),
-// (o_hw; axis 2, lse[0], v = y_h), (y_w; axis 2, lse[0], v), (y_h; axis 1, lse[1], v).
+// so that the backward is three calls of axial_attention_bwd: (o_wh; axis 1, lse[1], v = y_w), then
+// (o_hw; axis 2, lse[0], v = y_h) and (y_w; axis 2, lse[0], v) as one call with two value streams,
+// then (y_h; axis 1, lse[1], v).
 // Without save_for_backward, parts and mids are empty [0] tensors and only out and lse are written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> axial_decay_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_alpha,

@@ -1,9 +1,14 @@
-// The codebook family's CPU (and, when built, CUDA) entry points, bound to Python in bindings.cpp
-// and routed to from vitkernels/ops/codebook.py.
+// The codebook family's CPU (and, when built, CUDA) entry points, each with its op's schema
+// signature and registered as the op's kernel for its device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/core/SymIntArrayRef.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
 #include <tuple>
 
 namespace vitk {
@@ -14,6 +19,10 @@ namespace cpu {
 // code by squared Euclidean distance (cosine=true: of the l2-normalized vectors, reported as
 // 2 - 2 cos), ties to the lowest index. Never allocates N x K.
 std::tuple<at::Tensor, at::Tensor> codebook_argmin(const at::Tensor& z, const at::Tensor& codebook, bool cosine);
+// The CPU search keeps block indices in int32 vector lanes (with headroom): at most this many codes.
+constexpr int64_t kMaxCodes = std::numeric_limits<int32_t>::max() / 2;
+// "" when the codebook fits the CPU kernel, else the limit it exceeds.
+std::string codebook_argmin_limits(const at::Tensor& z, const at::Tensor& codebook, bool cosine);
 
 // Gathers codebook rows: indices [...] with codebook [K, D] -> [..., D]; indices [..., G] with
 // codebook [G, K, D] -> [..., G, D]. Out-of-range indices raise.
@@ -21,7 +30,7 @@ at::Tensor codebook_lookup(const at::Tensor& indices, const at::Tensor& codebook
 
 // Deterministic index-add of grad_output rows into a zero tensor of codebook_shape.
 at::Tensor codebook_lookup_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                                    at::IntArrayRef codebook_shape);
+                                    c10::SymIntArrayRef codebook_shape);
 
 }  // namespace cpu
 
@@ -29,7 +38,7 @@ at::Tensor codebook_lookup_backward(const at::Tensor& grad_output, const at::Ten
 namespace cuda {
 at::Tensor codebook_lookup(const at::Tensor& indices, const at::Tensor& codebook);
 at::Tensor codebook_lookup_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                                    at::IntArrayRef codebook_shape);
+                                    c10::SymIntArrayRef codebook_shape);
 }  // namespace cuda
 #endif
 

@@ -96,8 +96,8 @@ inline float signed_row_sums(const float* __restrict d, const int32_t* __restric
 inline void check_decay(const at::Tensor& t, const char* name, const at::Tensor& q) {
   check_dtype_in(t, name, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
   check_same_device(q, "q", t, name);
-  TORCH_CHECK(t.sizes() == q.sizes().slice(0, 4), name, ": expected shape [B, H, W, heads] = ", q.sizes().slice(0, 4),
-              " (broadcast views with zero strides are fine), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes().slice(0, 4), name, ": expected shape [B, H, W, heads] = ",
+                    q.sizes().slice(0, 4), " (broadcast views with zero strides are fine), got ", t.sizes());
 }
 
 // grad_out / out of the backward: q's dtype and device, [B, H, W, heads, dv] (with `lead` leading

@@ -1,5 +1,5 @@
 // CPU entry points of Gaussian-mixture masked attention ("RetNet viewed through convolution"),
-// bound to Python in bindings.cpp and routed to from vitkernels/ops/masked_attention.py.
+// each with its op's schema signature and registered as the op's CPU kernel.
 // Semantics: vitkernels.reference.masked_attention.gaussian_mask_attention.
 #pragma once
 

@@ -33,9 +33,9 @@ inline void check_image_qkv(const at::Tensor& q, const at::Tensor& k, const at::
   }
   check_same_dtype(q, "q", k, "k");
   check_same_dtype(q, "q", v, "v");
-  TORCH_CHECK(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
-              " + [head_dim_v], got ", v.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes(), "k: expected the shape of q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes().slice(0, 4) == q.sizes().slice(0, 4), "v: expected shape ", q.sizes().slice(0, 4),
+                    " + [head_dim_v], got ", v.sizes());
   check_nonempty_dim(q, "q", 4, "head_dim");
   check_nonempty_dim(v, "v", 4, "head_dim");
 }

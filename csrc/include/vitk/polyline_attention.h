@@ -1,7 +1,7 @@
 // CPU entry points of the decay-masked members of the masked_attention family: PPMA's polyline
 // ("whole") attention, which is also RMT's Manhattan self-attention with a per-head constant decay,
-// and the one-axis primitive of PPMA's criss-cross ("chunk") attention. Bound to Python in
-// bindings.cpp and routed to from vitkernels/ops/masked_attention.py; semantics:
+// and the one-axis primitive of PPMA's criss-cross ("chunk") attention, each with its op's schema
+// signature and registered as the op's CPU kernel; semantics:
 // vitkernels/reference/masked_attention.py.
 #pragma once
 

@@ -1,6 +1,6 @@
 // CPU entry points of reduced attention: dense attention of many queries against a short k/v
 // (PVTv2's spatial-reduction attention, S2AFormer's strip attention with compressed q/k channels),
-// bound to Python in bindings.cpp and routed to from vitkernels/ops/masked_attention.py.
+// each with its op's schema signature and registered as the op's CPU kernel.
 // Semantics: vitkernels.reference.masked_attention.reduced_attention.
 #pragma once
 
