@@ -24,7 +24,7 @@ install: deps $(BUILD_STAMP)
 pytest: install
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider
 
-ctest: deps
+ctest: install
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$(command -v $(PYTHON))
 	cmake --build build/cmake -j$(JOBS)
 	ctest --test-dir build/cmake --output-on-failure
