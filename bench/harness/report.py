@@ -3,19 +3,13 @@ import json
 import os
 
 from .roofline import roof_seconds
-from .spec import CONTENDERS, is_peer, peer_index
+from .contenders import CONTENDERS, is_peer, ordered
 
 SPEEDUPS = (("eager", "eager/vitk"), ("compile", "compile/vitk"), ("peer", "peer/vitk"))
 
 
-def _order(names):
-    """Contender names in report order: CONTENDERS, then further peers (peer2, peer3, ...)."""
-    rank = {c: i for i, c in enumerate(CONTENDERS)}
-    return sorted(names, key=lambda c: (rank.get(c, len(CONTENDERS)), peer_index(c) if is_peer(c) else 0))
-
-
 def _peers(case):
-    return [c for c in _order(case["contenders"]) if is_peer(c)]
+    return [c for c in ordered(case["contenders"]) if is_peer(c)]
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -195,7 +189,7 @@ def chart(data: dict, path: str) -> None:
 
     cases = [(f"{fam}\n{name}", case) for fam, cs in data["families"].items() for name, case in cs.items()]
     present = {c for _, case in cases for c in case["contenders"]}
-    names = [c for c in _order(present | set(CONTENDERS)) if c != "eager"]
+    names = [c for c in ordered(present | set(CONTENDERS)) if c != "eager"]
     fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(cases)), 4.5))
     width = 0.8 / len(names)
     values = []
