@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.window_attention import window_attention
+from ..reference.window_attention import relative_position_index
 
 _Size2 = Union[int, Tuple[int, int]]
 
@@ -57,13 +58,6 @@ class _DropsDerivedBuffers:
         for name in self._derived_buffers:
             state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def relative_position_index(win_h: int, win_w: int) -> torch.Tensor:
-    """timm's [N, N] index into the [(2wh-1)(2ww-1), heads] table (the op computes it on the fly)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(win_h), torch.arange(win_w), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    return (rel[..., 0] + win_h - 1) * (2 * win_w - 1) + (rel[..., 1] + win_w - 1)
 
 
 def relative_coords_table(window_size: Tuple[int, int], pretrained_window_size: Tuple[int, int] = (0, 0)):

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 
+from ..reference.window_attention import relative_position_index
 from . import attention_core as core
 
 _MAX_DBIAS_REPLICAS = 16
@@ -95,17 +96,6 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     return out, lse
 
 
-def _relative_position_index(wh: int, ww: int, device: torch.device) -> torch.Tensor:
-    """timm's [N*N] index of (query i, key j) into the bias table, row-major tokens.
-
-    Rebuilt per call rather than cached: it is N^2 integers, and a cache would capture fake tensors
-    when torch.compile traces the launcher.
-    """
-    r = torch.arange(wh, device=device).repeat_interleave(ww)
-    c = torch.arange(ww, device=device).repeat(wh)
-    return ((r[:, None] - r[None, :] + wh - 1) * (2 * ww - 1) + (c[:, None] - c[None, :] + ww - 1)).reshape(-1)
-
-
 def _dbias_replicas(groups: int, heads: int, N: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -151,7 +141,7 @@ def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not want_dbias:
         return dq, dk, dv, empty
     per_pair = buf.sum(0) if replicas > 1 else buf[0]                          # [heads, N, N]
-    idx = _relative_position_index(geo.wh, geo.ww, q.device)
+    idx = relative_position_index(geo.wh, geo.ww, q.device).reshape(-1)
     table = torch.zeros((rel_pos_bias.shape[0], heads), dtype=torch.float32, device=q.device)
     table.index_add_(0, idx, per_pair.permute(1, 2, 0).reshape(-1, heads))
     return dq, dk, dv, table.to(rel_pos_bias.dtype)
