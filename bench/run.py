@@ -2,6 +2,7 @@
 """Run the vitkernels microbenchmarks and print one table; `make bench` calls this.
 
     python bench/run.py [--family codebook] [--quick] [--device cpu|cuda] [-- extra pytest args, e.g. -k FQGAN]
+    python bench/run.py --render-only       redraw bench/results/ from its JSON files; runs nothing
 
 Each bench/<family>.py declares its cases; every case is timed with up to four contenders in the
 same process, on the same inputs (fixed seed, random normal), all threads:
@@ -14,7 +15,8 @@ kernel fails its item instead of producing a number.
 
 Reading the table
   * "<x> ms" columns are medians over the timed rounds, after warm-up (min and IQR in the JSON).
-  * eager/vitk, compile/vitk, peer/vitk: the other's median divided by vitk's; above 1x vitk wins.
+  * eager/vitk, compile/vitk, faiss/vitk, ...: the other's median divided by vitk's; above 1x vitk
+    wins. A peer's columns carry its library's name; the table has one section per family.
   * vitk % roofline: how close vitk is to what this machine could possibly do for the case:
     time_roofline = max(FLOPs / peak FLOP/s, minimal bytes / bandwidth), fraction = time_roofline /
     vitk's median. Peak FLOP/s and bandwidth are measured at the start of the run (best fp32 sgemm of
@@ -34,9 +36,10 @@ Reading the table
   * -k selects pytest items by substring of "<case>-<contender>" ids, case-insensitively: note that
     "-k vit" also matches every "-vitk" item; use "-k ViT-VQGAN".
 
-Outputs (unless --quick without --save): bench/results/<machine>.json (merged by family/case, so
-running one family keeps the others), <machine>.md (the table), <machine>.png (speedup vs eager),
-and <machine>.raw.json (pytest-benchmark's per-round data; not committed).
+Outputs (unless --quick without --save), in bench/results/: <machine>.json, the data (merged by
+family/case, so running one family keeps the others); rendered from it, one table and one figure per
+family, <machine>/<family>.md and .png, and README.md, which links them for every machine and says
+how to read them; <machine>.raw.json, pytest-benchmark's per-round data (not committed).
 """
 import argparse
 import os
@@ -70,6 +73,8 @@ def parse(argv):
     ap.add_argument("--save", action=argparse.BooleanOptionalAction, default=None,
                     help="write bench/results/ (default: yes, except with --quick)")
     ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="only redraw the tables, figures and README.md of --results-dir from its JSON files")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -82,8 +87,16 @@ def parse(argv):
     return args
 
 
+def render(results_dir: str) -> None:
+    written = report.render_all(results_dir)
+    print(f"wrote {len(written)} files under {results_dir}: per-family tables and figures, README.md")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.render_only:
+        render(args.results_dir)
+        return 0
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -122,11 +135,9 @@ def main(argv=None) -> int:
     if collector.busy_warning():
         print(collector.busy_warning())
     if args.save:
-        data = report.merge_json(base + ".json", results, collector)
-        with open(base + ".md", "w") as f:
-            f.write(report.markdown(data))
-        report.chart(data, base + ".png")
-        print(f"wrote {base}.json, .md, .png")
+        report.merge_json(base + ".json", results, collector)
+        print(f"wrote {base}.json")
+        render(args.results_dir)
     return int(rc)
 
 

@@ -8,7 +8,8 @@ import vitkernels
 from vitkernels.reference import masked_attention as ref
 
 from attention_checks import TOL, close as _close, grads as _grads, packed_qkv as _packed_qkv  # noqa: F401
-from attention_checks import saves_only_when_grad_is_wanted
+from attention_checks import (BAD_DECAY_ARGS, bad_inputs, check_bad_decay_args, check_empty_batch, check_grads,
+                              saves_only_when_grad_is_wanted)
 from conftest import backend_params
 
 AFWD = backend_params("axial_attention_fwd")
@@ -55,6 +56,7 @@ def _expect(q, k, v, la, lb, scale=None):
 
 GRIDS = [(1, 1), (1, 7), (5, 1), (3, 4), (7, 7), (6, 9), (14, 14)]
 AXES = pytest.mark.parametrize("axis", [1, 2], ids=["cols", "rows"])
+GRADS = ("dq", "dk", "dv", "dlog_alpha", "dlog_beta")
 
 
 def _small_for_interpreter(backend, device, H, W):
@@ -89,9 +91,7 @@ def test_axial_primitive(backend, device, grid, axis, run_on):
     _close(out, axial_reference(q.double(), k.double(), v.double(), ld.double(), axis, 0.4), torch.float32)
     go = torch.randn(1, H, W, 2, 12, device=device)
     got = run_on(backend, _grads, lambda *a: _axial(*a, axis, 0.4), (q, k, v, ld), go)
-    exp = _grads(lambda *a: axial_reference(*a, axis, 0.4), tuple(t.double() for t in (q, k, v, ld)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_decay"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, lambda *a: axial_reference(*a, axis, 0.4), (q, k, v, ld), go, ("dq", "dk", "dv", "dlog_decay"))
 
 
 @pytest.mark.parametrize("backend,device", AFWD)
@@ -104,10 +104,7 @@ def test_axial_decay_regimes(backend, device, kind, run_on):
     _close(out, _expect(q, k, v, la, lb, 0.3), torch.float32)
     go = torch.randn(1, H, W, 2, 16, device=device)
     got = run_on(backend, _grads, lambda *a: torch.ops.vitk.axial_decay_attention(*a, 0.3), (q, k, v, la, lb), go)
-    exp = _grads(lambda *a: ref.axial_decay_attention(*a, 0.3), tuple(t.double() for t in (q, k, v, la, lb)),
-                 go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, lambda *a: ref.axial_decay_attention(*a, 0.3), (q, k, v, la, lb), go, GRADS)
 
 
 @pytest.mark.parametrize("backend,device", AFWD)
@@ -119,10 +116,8 @@ def test_axial_decay_backward(backend, device, grid, run_on):
     la, lb = _decay(2, H, W, 2, "range", device), _decay(2, H, W, 2, "range", device)
     go = torch.randn(2, H, W, 2, 12, device=device)
     got = run_on(backend, _grads, torch.ops.vitk.axial_decay_attention, (q, k, v, la, lb), go)
-    exp = _grads(ref.axial_decay_attention, tuple(t.double() for t in (q, k, v, la, lb)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        assert g.shape == e.shape and g.dtype == torch.float32
-        _close(g, e, torch.float32, name)
+    assert all(g.dtype == torch.float32 for g in got)
+    check_grads(got, ref.axial_decay_attention, (q, k, v, la, lb), go, GRADS)
 
 
 @pytest.mark.parametrize("backend,device", AFWD)
@@ -137,10 +132,7 @@ def test_axial_decay_dtypes_and_dims(backend, device, dtype, dims, run_on):
     _close(out, _expect(q, k, v, la, lb, 0.5), dtype)
     go = torch.randn(1, 5, 6, 2, dv, device=device).to(dtype)
     got = run_on(backend, _grads, lambda *a: torch.ops.vitk.axial_decay_attention(*a, 0.5), (q, k, v, la, lb), go)
-    exp = _grads(lambda *a: ref.axial_decay_attention(*a, 0.5), tuple(t.double() for t in (q, k, v, la, lb)),
-                 go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, dtype, name)
+    check_grads(got, lambda *a: ref.axial_decay_attention(*a, 0.5), (q, k, v, la, lb), go, GRADS, dtype)
 
 
 @pytest.mark.parametrize("backend,device", AFWD)
@@ -202,11 +194,7 @@ def test_axial_saves_only_linear_tensors():
 def test_axial_empty_batch():
     q, k, v = _packed_qkv(0, 4, 5, 2, 8, torch.float32)
     la, lb = _decay(0, 4, 5, 2, "range"), _decay(0, 4, 5, 2, "range")
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, la, lb)]
-    out = torch.ops.vitk.axial_decay_attention(*leaves)
-    assert out.shape == (0, 4, 5, 2, 8)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    check_empty_batch(torch.ops.vitk.axial_decay_attention, (q, k, v, la, lb), (0, 4, 5, 2, 8))
 
 
 @AXES
@@ -248,25 +236,11 @@ def test_axial_backward_two_value_streams(backend, device, axis, run_on):
     torch.library.opcheck(torch.ops.vitk.axial_decay_attention.default, (q, k, v, ld, ld.flip(1), None))
 
 
-BAD = [
-    (dict(la=lambda q: torch.randn(q.shape[:3])), "log_alpha"),
-    (dict(lb=lambda q: torch.randn(*q.shape[:3], q.shape[3] + 1)), "log_beta"),
-    (dict(la=lambda q: torch.zeros(q.shape[:4], dtype=torch.int32)), "log_alpha"),
-    (dict(lb=lambda q: torch.empty(q.shape[:4], device="meta")), "log_beta"),
-    (dict(q=lambda q: q.to(torch.int32)), "q"),
-    (dict(k=lambda q: q[:, :, :-1]), "k"),
-    (dict(v=lambda q: q.to(torch.float16)), "v"),
-]
-
-
-@pytest.mark.parametrize("change,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])
+@bad_inputs(BAD_DECAY_ARGS)
 def test_axial_decay_bad_input(change, name):
     q, k, v = _packed_qkv(1, 4, 5, 2, 8, torch.float32)
-    args = dict(q=q, k=k, v=v, la=_decay(1, 4, 5, 2, "range"), lb=_decay(1, 4, 5, 2, "range"))
-    for key, val in change.items():
-        args[key] = val(q)
-    with pytest.raises((ValueError, RuntimeError), match=rf"^{name}:"):
-        torch.ops.vitk.axial_decay_attention(args["q"], args["k"], args["v"], args["la"], args["lb"])
+    check_bad_decay_args(torch.ops.vitk.axial_decay_attention, q, k, v, _decay(1, 4, 5, 2, "range"),
+                         _decay(1, 4, 5, 2, "range"), change, name)
 
 
 def test_axial_bad_axis():
@@ -345,9 +319,7 @@ def test_axial_fused_gradients(backend, device, run_on):
             (torch.stack([yw, yh]) * gm.double()).sum()
 
     got = run_on(backend, _grads, loss_fused, (q, k, v, la, lb), None)
-    exp = _grads(loss_ref, tuple(t.double() for t in (q, k, v, la, lb)), None)
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, loss_ref, (q, k, v, la, lb), None, GRADS)
 
 
 def test_axial_fused_opcheck():

@@ -22,32 +22,21 @@ import torch.nn as nn
 import vitkernels  # noqa: F401
 from vitkernels.models import masked_attention as ma
 
+from attention_checks import check_compiles_without_recompiles, close_to as _close, randomize
 
-def _close(out, expect, tol, what="output"):
-    err = (out.double() - expect.double()).abs().max().item()
-    scale = max(1.0, expect.double().abs().max().item())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
+
+def _unit(p):
+    p.normal_(0, 1)
+
+
+def _sigma(p):
+    p.copy_(2 + torch.randn_like(p))
 
 
 def _randomize(module):
-    # Default inits (zero biases, identity norms) hide wiring mistakes; moderate scales keep the
-    # softmaxes away from one-hot so every gradient is exercised.
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif leaf == "dt_bias":
-                p.normal_(0, 1)
-            elif leaf == "A_log":
-                p.normal_(0, 0.5)
-            elif leaf in ("alpha", "mix_weight"):
-                p.normal_(0, 1)
-            elif leaf in ("sigma", "mix_sigma"):
-                p.copy_(2 + torch.randn_like(p))
-            else:
-                p.normal_(0, 0.2)
-    return module
+    # Moderate scales keep the softmaxes away from one-hot so every gradient is exercised.
+    return randomize(module, 0.2, dt_bias=_unit, A_log=lambda p: p.normal_(0, 0.5), alpha=_unit, mix_weight=_unit,
+                     sigma=_sigma, mix_sigma=_sigma)
 
 
 # ---------------------------------------------------------------- eager transcriptions of the papers
@@ -404,22 +393,7 @@ class _PPMALayer(nn.Module):
 
 @pytest.mark.parametrize("kind", ["whole", "chunk"])
 def test_ppma_block_compiles_without_graph_breaks_or_recompiles(kind):
-    layer = _PPMALayer(kind)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in (2, 3):
-            x = torch.randn(batch, 5, 7, 32, requires_grad=True)
-            if batch == 2:
-                torch._dynamo.mark_dynamic(x, 0)
-            out = compiled(x)
-            out.square().sum().backward()
-            x_eager = x.detach().clone().requires_grad_(True)
-            expect = layer(x_eager)
-            expect.square().sum().backward()
-            _close(out, expect, 1e-5)
-            _close(x.grad, x_eager.grad, 1e-4, "grad x")
-    torch._dynamo.reset()
+    check_compiles_without_recompiles(_PPMALayer(kind), (5, 7, 32))
 
 
 # ---------------------------------------------------------------- (4) parameter names of the originals

@@ -7,7 +7,8 @@ import vitkernels
 from vitkernels.reference import masked_attention as ref
 
 from attention_checks import TOL, close as _close, grads as _grads, packed_qkv as _packed_qkv  # noqa: F401
-from attention_checks import saves_only_when_grad_is_wanted
+from attention_checks import (BAD_DECAY_ARGS, bad_inputs, check_bad_decay_args, check_empty_batch, check_grads,
+                              saves_only_when_grad_is_wanted)
 from conftest import backend_params
 
 PFWD = backend_params("polyline_attention_fwd")
@@ -37,6 +38,7 @@ def _expect(q, k, v, la, lb, scale=None, symmetric=True):
 
 
 GRIDS = [(1, 1), (1, 7), (5, 1), (3, 4), (7, 7), (6, 9), (14, 14)]
+GRADS = ("dq", "dk", "dv", "dlog_alpha", "dlog_beta")
 SYM = pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "onedir"])
 
 
@@ -127,9 +129,7 @@ def test_manhattan_is_polyline_with_constant_decay(backend, device, run_on):
         _close(out, expect, torch.float32)
     go = torch.randn(B, H, W, nh, d, device=device)
     got = run_on(backend, _grads, vitkernels.manhattan_attention, (q, k, v, log_gamma), go)
-    exp = _grads(ref.manhattan_attention, (q.double(), k.double(), v.double(), log_gamma.double()), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_gamma"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, ref.manhattan_attention, (q, k, v, log_gamma), go, ("dq", "dk", "dv", "dlog_gamma"))
 
 
 @pytest.mark.parametrize("backend,device", PFWD)
@@ -143,11 +143,8 @@ def test_polyline_backward(backend, device, grid, symmetric, run_on):
     go = torch.randn(2, H, W, 2, 12, device=device)
     fn = lambda *a: torch.ops.vitk.polyline_attention(*a, None, symmetric)  # noqa: E731
     got = run_on(backend, _grads, fn, (q, k, v, la, lb), go)
-    exp = _grads(lambda *a: ref.polyline_attention(*a, None, symmetric),
-                 tuple(t.double() for t in (q, k, v, la, lb)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        assert g.shape == e.shape and g.dtype == torch.float32
-        _close(g, e, torch.float32, name)
+    assert all(g.dtype == torch.float32 for g in got)
+    check_grads(got, lambda *a: ref.polyline_attention(*a, None, symmetric), (q, k, v, la, lb), go, GRADS)
 
 
 @pytest.mark.parametrize("backend,device", PFWD)
@@ -160,10 +157,7 @@ def test_polyline_backward_decay_regimes(backend, device, kind, symmetric, run_o
     go = torch.randn(1, H, W, 2, 8, device=device)
     fn = lambda *a: torch.ops.vitk.polyline_attention(*a, None, symmetric)  # noqa: E731
     got = run_on(backend, _grads, fn, (q, k, v, la, lb), go)
-    exp = _grads(lambda *a: ref.polyline_attention(*a, None, symmetric),
-                 tuple(t.double() for t in (q, k, v, la, lb)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, lambda *a: ref.polyline_attention(*a, None, symmetric), (q, k, v, la, lb), go, GRADS)
 
 
 @SYM
@@ -174,10 +168,7 @@ def test_polyline_backward_few_long_problems_cpu(symmetric):
     go = torch.randn(1, 23, 24, 1, 6)
     fn = lambda *a: torch.ops.vitk.polyline_attention(*a, None, symmetric)  # noqa: E731
     got = _grads(fn, (q, k, v, la, lb), go)
-    exp = _grads(lambda *a: ref.polyline_attention(*a, None, symmetric),
-                 tuple(t.double() for t in (q, k, v, la, lb)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, torch.float32, name)
+    check_grads(got, lambda *a: ref.polyline_attention(*a, None, symmetric), (q, k, v, la, lb), go, GRADS)
 
 
 @pytest.mark.parametrize("grid", [(16, 16), (20, 9), (9, 20), (17, 16)], ids=lambda g: f"{g[0]}x{g[1]}")
@@ -216,9 +207,7 @@ def test_polyline_backward_half(backend, device, dtype, run_on):
     la, lb = _decays(1, 4, 5, 2, "range", device)
     go = torch.randn(1, 4, 5, 2, 8, device=device).to(dtype)
     got = run_on(backend, _grads, torch.ops.vitk.polyline_attention, (q, k, v, la, lb), go)
-    exp = _grads(ref.polyline_attention, tuple(t.double() for t in (q, k, v, la, lb)), go.double())
-    for name, g, e in zip(("dq", "dk", "dv", "dlog_alpha", "dlog_beta"), got, exp):
-        _close(g, e, dtype, name)
+    check_grads(got, ref.polyline_attention, (q, k, v, la, lb), go, GRADS, dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 14, 14), (1, 1, 23, 24)], ids=["one-sweep", "two-sweep"])
@@ -266,12 +255,7 @@ def test_polyline_saves_only_linear_tensors():
 
 def test_polyline_empty_batch():
     q, k, v = _packed_qkv(0, 4, 5, 2, 8, torch.float32)
-    la, lb = _decays(0, 4, 5, 2, "range")
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v, la, lb)]
-    out = torch.ops.vitk.polyline_attention(*leaves)
-    assert out.shape == (0, 4, 5, 2, 8)
-    grads = torch.autograd.grad(out.sum(), leaves)
-    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    check_empty_batch(torch.ops.vitk.polyline_attention, (q, k, v, *_decays(0, 4, 5, 2, "range")), (0, 4, 5, 2, 8))
 
 
 @SYM
@@ -311,27 +295,10 @@ def test_polyline_public_op_saves_only_when_grad_is_wanted():
                                    (q, k, v, *_decays(1, 4, 6, 2, "range")), trained=4)
 
 
-BAD = [
-    (dict(la=lambda q: torch.randn(q.shape[:3])), "log_alpha"),
-    (dict(lb=lambda q: torch.randn(*q.shape[:3], q.shape[3] + 1)), "log_beta"),
-    (dict(la=lambda q: torch.zeros(q.shape[:4], dtype=torch.int32)), "log_alpha"),
-    (dict(lb=lambda q: torch.empty(q.shape[:4], device="meta")), "log_beta"),
-    (dict(q=lambda q: q.to(torch.int32)), "q"),
-    (dict(k=lambda q: q[:, :, :-1]), "k"),
-    (dict(v=lambda q: q.to(torch.float16)), "v"),
-    (dict(q=lambda q: q[0]), "q"),
-]
-
-
-@pytest.mark.parametrize("change,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])
+@bad_inputs(BAD_DECAY_ARGS)
 def test_polyline_bad_input(change, name):
     q, k, v = _packed_qkv(1, 4, 5, 2, 8, torch.float32)
-    la, lb = _decays(1, 4, 5, 2, "range")
-    args = dict(q=q, k=k, v=v, la=la, lb=lb)
-    for key, val in change.items():
-        args[key] = val(q)
-    with pytest.raises((ValueError, RuntimeError), match=rf"^{name}:"):
-        torch.ops.vitk.polyline_attention(args["q"], args["k"], args["v"], args["la"], args["lb"])
+    check_bad_decay_args(torch.ops.vitk.polyline_attention, q, k, v, *_decays(1, 4, 5, 2, "range"), change, name)
 
 
 def test_polyline_cpu_kernel_checks_its_arguments():

@@ -20,6 +20,8 @@ from vitkernels.convert import ConversionReport, convert_, is_converted, revert_
 from vitkernels.models import window_attention as wa
 from vitkernels.reference import window_attention as ref
 
+from attention_checks import check_compiles_without_recompiles, close_to as _close, randomize
+
 try:
     import timm
     HAS_TIMM = True
@@ -27,27 +29,14 @@ except Exception:  # noqa: BLE001 -- timm fails in several ways without torchvis
     HAS_TIMM = False
 
 
-def _close(out, expect, tol, what="output"):
-    err = (out.double() - expect.double()).abs().max().item()
-    scale = max(1.0, expect.double().abs().max().item())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol * scale:.3g}"
+def _logit_scale(p):
+    p.copy_(math.log(10) + 0.5 * torch.randn_like(p))
+    p.view(-1)[0] = 5.0                     # above log(100): exercises the clamp
 
 
 def _randomize(module):
-    # Default inits (zero biases, unit norms, 0.02-std tables, identity v2 blocks) hide mistakes.
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif leaf == "logit_scale":
-                p.copy_(math.log(10) + 0.5 * torch.randn_like(p))
-                p.view(-1)[0] = 5.0                     # above log(100): exercises the clamp
-            elif leaf == "relative_position_bias_table":
-                p.normal_()
-            else:
-                p.normal_(0, 0.3)
-    return module
+    # 0.02-std tables and identity v2 blocks hide mistakes as well as zero biases and unit norms.
+    return randomize(module, 0.3, logit_scale=_logit_scale, relative_position_bias_table=lambda p: p.normal_())
 
 
 # ---------------------------------------------------------------- eager transcriptions of timm
@@ -517,21 +506,7 @@ def test_state_dicts_with_derived_buffers_load():
 def test_block_compiles_without_graph_breaks_or_recompiles(version):
     make = _blocks_v1 if version == "v1" else _blocks_v2
     block, _ = make(16, 2, 4, 2, (8, 8))
-    torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in (2, 3):
-            x = torch.randn(batch, 8, 8, 16, requires_grad=True)
-            if batch == 2:
-                torch._dynamo.mark_dynamic(x, 0)
-            out = compiled(x)
-            out.square().sum().backward()
-            x_eager = x.detach().clone().requires_grad_(True)
-            expect = block(x_eager)
-            expect.square().sum().backward()
-            _close(out, expect, 1e-5)
-            _close(x.grad, x_eager.grad, 1e-4, "grad x")
-    torch._dynamo.reset()
+    check_compiles_without_recompiles(block, (8, 8, 16))
 
 
 # ---------------------------------------------------------------- (5) whole models

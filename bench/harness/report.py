@@ -1,21 +1,26 @@
-"""Records -> per-case results (speedups, roofline fractions) -> JSON, markdown table, PNG chart."""
+"""Records -> per-case results (speedups, roofline fractions) -> the merged JSON -> per-family tables
+and figures, and the results index that links them.
+
+Layout under bench/results/:
+    <machine>.json             the data: every case measured on that machine, merged by family/case
+    <machine>/<family>.md      the family's table, under its figure
+    <machine>/<family>.png     the family's figure (see figure.py)
+    README.md                  links every machine's tables and figures, and says how to read them
+Everything but the JSON is rendered from it (render_all), so it can be redrawn without a run.
+"""
+import glob
 import json
 import os
 
+from .contenders import CONTENDERS, is_peer, ordered
 from .roofline import roof_seconds
-from .spec import CONTENDERS, is_peer, peer_index
 
 SPEEDUPS = (("eager", "eager/vitk"), ("compile", "compile/vitk"), ("peer", "peer/vitk"))
-
-
-def _order(names):
-    """Contender names in report order: CONTENDERS, then further peers (peer2, peer3, ...)."""
-    rank = {c: i for i, c in enumerate(CONTENDERS)}
-    return sorted(names, key=lambda c: (rank.get(c, len(CONTENDERS)), peer_index(c) if is_peer(c) else 0))
+BASE_CONTENDERS = tuple(c for c in CONTENDERS if not is_peer(c))
 
 
 def _peers(case):
-    return [c for c in _order(case["contenders"]) if is_peer(c)]
+    return [c for c in ordered(case["contenders"]) if is_peer(c)]
 
 
 # ---------------------------------------------------------------- derived numbers
@@ -85,36 +90,59 @@ def merge_json(path: str, new: dict, collector) -> dict:
     return data
 
 
-# ---------------------------------------------------------------- table
-def _ms(v):
+# ---------------------------------------------------------------- what a family's cases contain
+def family_contenders(cases: dict):
+    """Every contender that appears in any of the family's cases, in report order."""
+    return ordered({c for case in cases.values() for c in case["contenders"]} | set(BASE_CONTENDERS))
+
+
+def peer_labels(cases: dict) -> dict:
+    """{peer contender: its library's label} from the first case in which it ran (a skipped peer
+    records no label); the contender's own name when it never ran."""
+    out = {}
+    for c in family_contenders(cases):
+        if is_peer(c):
+            labels = [case["contenders"][c].get("label") for case in cases.values() if c in case["contenders"]]
+            out[c] = next((lab for lab in labels if lab), c)
+    return out
+
+
+def short_name(contender: str, labels: dict) -> str:
+    """The column and legend name of a contender: a peer's library ("faiss", "flex-pre")."""
+    return labels[contender].split()[0] if is_peer(contender) else contender
+
+
+def skip_text(c) -> str:
+    """A contender that has no time: why, in a few words."""
+    if c is None:
+        return "not run"
+    reason = c.get("reason") or ""
+    if c.get("status") == "skipped":
+        return "skipped: " + reason.split(" (")[0].split(",")[0]
+    return f"{c.get('status')}: {reason[:40]}"
+
+
+# ---------------------------------------------------------------- tables
+def fmt_ms(v):
     if v is None:
         return "-"
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
-def _x(v):
+def fmt_x(v):
     if v is None:
         return "-"
     return f"{v:.2g}x" if v < 10 else f"{v:.0f}x"
 
 
-def _pct(v):
+def fmt_pct(v):
     if v is None:
         return "-"
     return f"{v:.1%}" if v < 0.1 else f"{v:.0%}"
 
 
-def _cell(c, peer=False):
-    if c is None:
-        return "-"
-    status = c.get("status")
-    if status == "ok":
-        t = _ms(c["median_ms"])
-        return f"{c['label'].split()[0]} {t}" if peer else t
-    reason = c.get("reason") or ""
-    if status == "skipped":
-        return "skipped: " + reason.split(" (")[0].split(",")[0]
-    return f"{status}: {reason[:40]}"
+def _cell(c):
+    return fmt_ms(c["median_ms"]) if c is not None and c.get("status") == "ok" else skip_text(c)
 
 
 def _mib(c):
@@ -124,29 +152,34 @@ def _mib(c):
     return f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
 
-HEADER = ["family", "case", "shape", "vitk ms", "eager ms", "compile ms", "peer ms",
-          "eager/vitk", "compile/vitk", "peer/vitk", "vitk % roofline", "peak MiB vitk/eager/compile/peer"]
+def roofline_cell(case) -> str:
+    frac = (case["contenders"].get("vitk") or {}).get("roofline_fraction")
+    return f"{fmt_pct(frac)} ({case['bound']})" if frac else "-"
+
+
+def family_table(cases: dict) -> str:
+    """One row per case: medians, speedups of vitk over each contender, vitk's roofline fraction and
+    every contender's peak memory. Each peer has its own columns, named after its library."""
+    names = family_contenders(cases)
+    labels = peer_labels(cases)
+    others = [c for c in names if c != "vitk"]
+    short = {c: short_name(c, labels) for c in names}
+    header = (["case", "shape"] + [f"{short[c]} ms" for c in names] + [f"{short[c]}/vitk" for c in others]
+              + ["vitk % roofline", "peak MiB " + "/".join(short[c] for c in names)])
+    rows = []
+    for name, case in cases.items():
+        cs, sp = case["contenders"], case.get("speedups", {})
+        rows.append([name, case["shape"]] + [_cell(cs.get(c)) for c in names]
+                    + [fmt_x(sp.get(f"{c}/vitk")) for c in others]
+                    + [roofline_cell(case), " / ".join(_mib(cs.get(c)) for c in names)])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"   # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
 def table(families: dict) -> str:
-    rows = []
-    for fam, cases in families.items():
-        for name, case in cases.items():
-            cs = case["contenders"]
-            sp = case.get("speedups", {})
-            vitk = cs.get("vitk") or {}
-            # Several peers share the peer columns: "; " between them, in contender order.
-            peers = _peers(case) or ["peer"]
-            rows.append([fam, name, case["shape"], _cell(cs.get("vitk")), _cell(cs.get("eager")),
-                         _cell(cs.get("compile")), "; ".join(_cell(cs.get(p), peer=True) for p in peers),
-                         _x(sp.get("eager/vitk")), _x(sp.get("compile/vitk")),
-                         "; ".join(_x(sp.get(f"{p}/vitk")) for p in peers),
-                         _pct(vitk.get("roofline_fraction"))
-                         + (f" ({case['bound']})" if vitk.get("roofline_fraction") else ""),
-                         " / ".join(_mib(cs.get(c)) for c in [c for c in CONTENDERS if c != "peer"] + peers)])
-    widths = [max(len(r[i]) for r in rows + [HEADER]) for i in range(len(HEADER))]
-    line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"   # noqa: E731
-    return "\n".join([line(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    """The console form: every family's table under its name."""
+    return "\n\n".join(f"{fam}\n{family_table(cases)}" for fam, cases in families.items())
 
 
 def roofline_line(roof: dict) -> str:
@@ -164,67 +197,104 @@ LEGEND = ("Times are medians (ms) after warm-up; speedups are other/vitk (>1: vi
           "parentheses; peak MiB = memory one call adds (CPU: RSS high-water mark growth).")
 
 
-def markdown(data: dict) -> str:
-    m = data["machine"]
-    lines = [f"# Benchmarks on {m['slug']}", "",
-             f"{m['cpu']}, {m['cores']} cores, {m.get('mem_total_gib')} GiB"
-             + (f", {m['gpu']}" if m.get("gpu") else "") + f"; torch {m['torch']}, {m['torch_threads']} threads.", ""]
-    for run_id, run in data["runs"].items():
+# ---------------------------------------------------------------- markdown pages
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m.get('mem_total_gib')} GiB"
+            + (f", {m['gpu']}" if m.get("gpu") else "") + f"; torch {m['torch']}, {m['torch_threads']} threads")
+
+
+def _run_lines(data: dict, run_ids) -> list:
+    lines = []
+    for run_id in sorted(run_ids):
+        run = data["runs"].get(run_id, {})
         share = run.get("others_cpu_share")
-        lines.append(f"- run {run_id}{' (--quick)' if run.get('quick') else ''}: {roofline_line(run['roofline'])}"
+        lines.append(f"- run {run_id}{' (--quick)' if run.get('quick') else ''}: {roofline_line(run.get('roofline'))}"
                      + (f"; other processes used {share:.0%} of the CPU meanwhile" if share is not None else ""))
-    lines += ["", table(data["families"]), "", LEGEND, ""]
-    return "\n".join(lines)
+    return lines
 
 
-# ---------------------------------------------------------------- chart
-def _no_eager_note(case):
-    eager = case["contenders"].get("eager")
-    if eager is None:
-        return "eager\nnot run"
-    return None if eager.get("status") == "ok" else f"eager\n{eager.get('status')}"
+def family_markdown(data: dict, family: str, figure_name: str) -> str:
+    cases = data["families"][family]
+    slug = data["machine"]["slug"]
+    return "\n".join(
+        [f"# {family} on {slug}", "",
+         f"![{family} on {slug}: speedup of vitk over each contender]({figure_name})", "",
+         machine_line(data["machine"]) + ".", ""]
+        + _run_lines(data, {case["run"] for case in cases.values()})
+        + ["", family_table(cases), "", LEGEND, "", "How to read the figure and the table: [../README.md](../README.md).", ""])
 
 
-def chart(data: dict, path: str) -> None:
-    """Grouped bars of eager median / contender median per case, on a log axis centred on 1x (bars
-    grow up from 1x when faster than eager, down when slower)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+READING = """\
+## How to read them
 
-    cases = [(f"{fam}\n{name}", case) for fam, cs in data["families"].items() for name, case in cs.items()]
-    present = {c for _, case in cases for c in case["contenders"]}
-    names = [c for c in _order(present | set(CONTENDERS)) if c != "eager"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(cases)), 4.5))
-    width = 0.8 / len(names)
-    values = []
-    for i, c in enumerate(names):
-        pts = [(j + (i - (len(names) - 1) / 2) * width, (case["contenders"].get(c) or {}).get("speedup_vs_eager"))
-               for j, (_, case) in enumerate(cases)]
-        pts = [(x, v) for x, v in pts if v]
-        values += [v for _, v in pts]
-        labels = {(case["contenders"].get(c) or {}).get("label") for _, case in cases} - {None}
-        legend = f"{c} ({sorted(labels)[0].split()[0]})" if is_peer(c) and labels else c
-        ax.bar([x for x, _ in pts], [v - 1 for _, v in pts], width, bottom=1, label=legend)
-        for x, v in pts:
-            ax.annotate(f"{v:.2g}x", (x, v), ha="center", va="bottom" if v >= 1 else "top", fontsize=7)
-    for j, (_, case) in enumerate(cases):
-        note = _no_eager_note(case)
-        if note:
-            ax.text(j, 1, note, ha="center", va="bottom", fontsize=8, color="0.4")
-    ax.axhline(1, color="k", lw=0.8)
-    ax.set_yscale("log")
-    lo, hi = min(values + [1.0]), max(values + [1.0])
-    ax.set_ylim(lo / 1.6, hi * 1.6)
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-    ax.set_ylabel("speedup vs eager reference")
-    ax.set_xticks(range(len(cases)), [label for label, _ in cases], fontsize=8)
-    ax.set_xlim(-0.6, len(cases) - 0.4)
-    ax.set_title(f"{data['machine']['slug']}: eager median / contender median (higher is faster)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+- **Figure**: one group of bars per case; the left margin names the case, its shape and vitk's
+  median time. Each bar is the speedup of vitk over one contender, that contender's median time
+  divided by vitk's, on a log axis: right of the 1x line vitk is faster, left of it slower. A
+  contender has the same colour in every figure (eager reference, torch.compile of the reference,
+  then the family's peer libraries in their order); one that did not run says why in place of its bar.
+- **Roofline** (the figure's right panel, the tables' `vitk % roofline`): how close vitk comes to
+  what the machine could possibly do for the case, `max(FLOPs / peak FLOP/s, minimal bytes /
+  bandwidth) / vitk's median`, with the roof that binds in parentheses. Peak FLOP/s (best fp32
+  sgemm of torch and numpy) and bandwidth (a large `copy_`) are measured at the start of each run
+  and listed above each table. FLOPs count only useful arithmetic and bytes only inputs and
+  outputs, so 100% is unreachable: the fraction is a lower bound.
+- **Tables**: medians in ms after warm-up (min, IQR and rounds are in the JSON); `X/vitk` columns
+  are the figure's speedups; `peak MiB` is the memory one call adds (CPU: growth of the RSS
+  high-water mark; CUDA: `max_memory_allocated`), which is where an N x K matrix shows up.
+- `skipped: needs 52.4 GB`: not attempted, because the memory its case declares exceeds what the
+  device has free; `skipped: no cpu backward`: the peer cannot run that case here; `error: ...`:
+  it ran and failed.
+- Each run line says how much of the CPU other processes used meanwhile: above a few percent they
+  slowed contenders and the roofline measurement unevenly, and the numbers are not to be trusted.
+- `python bench/run.py --family <family>` reruns a family and merges it into the machine's JSON;
+  `python bench/run.py --render-only` redraws every figure, table and this page from the JSON files
+  without running anything.
+"""
+
+
+def index_markdown(machines) -> str:
+    """machines: [(data, {family: (table path, figure path)})], paths relative to the results folder."""
+    lines = ["# Benchmark results", "",
+             "Each machine's `<machine>.json` holds every case measured on it, merged by family and case: it is",
+             "the data, and everything linked here is rendered from it.", "",
+             "| machine | family | cases | table | figure |", "|---|---|---|---|---|"]
+    for data, pages in machines:
+        m = data["machine"]
+        who = f"`{m['slug']}` ({machine_line(m)})"
+        for family, (md, png) in pages.items():
+            lines.append(f"| {who} | {family} | {len(data['families'][family])} | [{md}]({md}) | [{png}]({png}) |")
+            who = ""
+    return "\n".join(lines + ["", READING])
+
+
+# ---------------------------------------------------------------- rendering
+def render_machine(json_path: str) -> tuple:
+    """Writes <machine>/<family>.md and .png next to json_path; (data, {family: (md, png)}) with
+    paths relative to the results folder."""
+    from .figure import family_figure
+    with open(json_path) as f:
+        data = json.load(f)
+    root = os.path.dirname(os.path.abspath(json_path))
+    slug = os.path.basename(json_path)[:-len(".json")]
+    os.makedirs(os.path.join(root, slug), exist_ok=True)
+    pages = {}
+    for family in data["families"]:
+        md, png = f"{slug}/{family}.md", f"{slug}/{family}.png"
+        family_figure(data, family, os.path.join(root, png))
+        with open(os.path.join(root, md), "w") as f:
+            f.write(family_markdown(data, family, os.path.basename(png)))
+        pages[family] = (md, png)
+    return data, pages
+
+
+def machine_jsons(results_dir: str):
+    return sorted(p for p in glob.glob(os.path.join(results_dir, "*.json")) if not p.endswith(".raw.json"))
+
+
+def render_all(results_dir: str) -> list:
+    """Every machine's figures and tables, and the index README.md; returns the paths written."""
+    machines = [render_machine(p) for p in machine_jsons(results_dir)]
+    with open(os.path.join(results_dir, "README.md"), "w") as f:
+        f.write(index_markdown(machines))
+    written = [os.path.join(results_dir, p) for _, pages in machines for pair in pages.values() for p in pair]
+    return written + [os.path.join(results_dir, "README.md")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from . import memory, timing
-from .spec import is_peer
+from .contenders import is_peer
 
 
 def _gb(nbytes: float) -> str:

@@ -9,21 +9,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import pytest
 
-# Contender order is also the column order of the report. A family with several peers names the
-# second one "peer2", the third "peer3", ...; they share the peer columns of the report.
-CONTENDERS = ("vitk", "eager", "compile", "peer")
-
-
-def is_peer(contender: str) -> bool:
-    return contender.startswith("peer")
-
-
-def peer_index(contender: str) -> int:
-    return int(contender[4:] or 1) - 1
-
-
-def peer_contender(index: int) -> str:
-    return "peer" if index == 0 else f"peer{index + 1}"
+from .contenders import CONTENDERS, peer_contender, peer_index
+from .runner import run_one
 
 # (function, args, kwargs): the timed region is exactly function(*args, **kwargs).
 Call = Tuple[Callable, tuple, dict]
@@ -95,7 +82,6 @@ class Family:
 
         @pytest.mark.parametrize("case,contender", params)
         def test_family(benchmark, bench_session, case, contender):
-            from .runner import run_one
             run_one(bench_session, benchmark, family, case, contender)
 
         test_family.__name__ = f"test_{self.name}"

@@ -34,7 +34,34 @@ def _straight_through(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return z + (e - z).detach()
 
 
-class VectorQuantizer(nn.Module):
+class _Quantizer(nn.Module):
+    """What the quantizers share: the fused nearest-code search of the latent among codes(), the VQ
+    loss and the straight-through output. A quantizer says how z becomes the latent that is
+    searched (_latent) and how the quantized latent becomes its output (_output)."""
+
+    def _latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def _output(self, z_q: torch.Tensor) -> torch.Tensor:
+        return z_q
+
+    def quantize(self, z: torch.Tensor):
+        """(latent, its code, indices) in the codebook space."""
+        ze = self._latent(z)
+        codes = self.codes()
+        indices, _ = codebook_argmin(_searchable(ze), _searchable(codes))
+        return ze, codebook_lookup(indices, codes), indices
+
+    def loss_terms(self, ze: torch.Tensor, e: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return _vq_terms(ze, e, self.beta)
+
+    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ze, e, indices = self.quantize(z)
+        loss = sum(self.loss_terms(ze, e).values())
+        return self._output(_straight_through(ze, e)), indices, loss
+
+
+class VectorQuantizer(_Quantizer):
     """ViT-VQGAN's quantizer: optional projection of ``dim`` to a low ``codebook_dim`` for the search
     (and back), and with ``cosine=True`` l2-normalized latents and codes (the paper's choice, which
     improves codebook usage). Parameters: ``embedding.weight`` [codebook_size, codebook_dim], and
@@ -56,22 +83,12 @@ class VectorQuantizer(nn.Module):
         w = self.embedding.weight
         return F.normalize(w, dim=-1) if self.cosine else w
 
-    def quantize(self, z: torch.Tensor):
-        """(latent, its code, indices) in the codebook space."""
+    def _latent(self, z: torch.Tensor) -> torch.Tensor:
         ze = self.proj_in(z)
-        if self.cosine:
-            ze = F.normalize(ze, dim=-1)
-        codes = self.codes()
-        indices, _ = codebook_argmin(_searchable(ze), _searchable(codes))
-        return ze, codebook_lookup(indices, codes), indices
+        return F.normalize(ze, dim=-1) if self.cosine else ze
 
-    def loss_terms(self, ze: torch.Tensor, e: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return _vq_terms(ze, e, self.beta)
-
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ze, e, indices = self.quantize(z)
-        loss = sum(self.loss_terms(ze, e).values())
-        return self.proj_out(_straight_through(ze, e)), indices, loss
+    def _output(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(z_q)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.proj_out(codebook_lookup(indices, self.codes()))
@@ -89,7 +106,7 @@ def disentanglement_loss(codes: torch.Tensor) -> torch.Tensor:
     return gram[..., off].pow(2).mean()
 
 
-class FactorizedVectorQuantizer(nn.Module):
+class FactorizedVectorQuantizer(_Quantizer):
     """FQGAN's factorized quantizer: ``groups`` sub-codebooks of ``codebook_size`` codes each, searched
     in one fused call (sub-codebook g only sees sub-vector g). Each group has its own projection of
     the encoder feature (``proj_in`` produces all groups at once); the quantized sub-vectors are
@@ -110,26 +127,21 @@ class FactorizedVectorQuantizer(nn.Module):
     def codes(self) -> torch.Tensor:
         return F.normalize(self.embedding, dim=-1) if self.cosine else self.embedding
 
-    def quantize(self, z: torch.Tensor):
-        ze = self.proj_in(z).unflatten(-1, (self.groups, self.codebook_dim))      # [..., G, d]
-        if self.cosine:
-            ze = F.normalize(ze, dim=-1)
-        codes = self.codes()
-        indices, _ = codebook_argmin(_searchable(ze), _searchable(codes))        # [..., G], one launch
-        return ze, codebook_lookup(indices, codes), indices                       # e: [..., G, d]
+    def _latent(self, z: torch.Tensor) -> torch.Tensor:
+        # [..., G, d]: the grouped search takes all groups in one launch, indices [..., G].
+        ze = self.proj_in(z).unflatten(-1, (self.groups, self.codebook_dim))
+        return F.normalize(ze, dim=-1) if self.cosine else ze
+
+    def _output(self, z_q: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(z_q.flatten(-2))
 
     def loss_terms(self, ze: torch.Tensor, e: torch.Tensor) -> Dict[str, torch.Tensor]:
-        terms = _vq_terms(ze, e, self.beta)
+        terms = super().loss_terms(ze, e)
         terms["disentangle"] = self.disentangle_weight * disentanglement_loss(e)
         return terms
 
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ze, e, indices = self.quantize(z)
-        loss = sum(self.loss_terms(ze, e).values())
-        return self.proj_out(_straight_through(ze, e).flatten(-2)), indices, loss
 
-
-class LargeCodebookQuantizer(nn.Module):
+class LargeCodebookQuantizer(_Quantizer):
     """VQGAN-LC's quantizer: a frozen ``[K, F]`` codebook of image features (the paper uses 100,000
     CLIP features) and a trainable linear ``projector`` to the lookup dimension ``dim``. Only the
     projector learns, so every code moves with it and the codebook stays fully used.
@@ -145,18 +157,6 @@ class LargeCodebookQuantizer(nn.Module):
 
     def codes(self) -> torch.Tensor:
         return self.projector(self.frozen_codebook)
-
-    def quantize(self, z: torch.Tensor):
-        codes = self.codes()
-        indices, _ = codebook_argmin(_searchable(z), _searchable(codes))
-        return z, codebook_lookup(indices, codes), indices
-
-    def loss_terms(self, ze: torch.Tensor, e: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return _vq_terms(ze, e, self.beta)
-
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ze, e, indices = self.quantize(z)
-        return _straight_through(ze, e), indices, sum(self.loss_terms(ze, e).values())
 
 
 @torch.no_grad()

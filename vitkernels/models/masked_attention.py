@@ -87,9 +87,9 @@ def _rope_angle(embed_dim: int, num_heads: int) -> torch.Tensor:
     return angle.repeat_interleave(2)
 
 
-class RotaryPositionEmbedding2D(nn.Module):
-    """PPMA's rotary table: forward((H, W)) -> (sin, cos), each [H, W, key_dim]. ``angle`` is a
-    persistent buffer, as in PPMA's checkpoints."""
+class _RotaryAngles(nn.Module):
+    """The constructor PPMA's and RMT's position modules share: their arguments and the persistent
+    RoPE ``angle`` buffer of their checkpoints."""
 
     def __init__(self, embed_dim: int, num_heads: int, initial_value: float, heads_range: float):
         super().__init__()
@@ -97,6 +97,11 @@ class RotaryPositionEmbedding2D(nn.Module):
         self.heads_range = heads_range
         self.num_heads = num_heads
         self.register_buffer("angle", _rope_angle(embed_dim, num_heads))
+
+
+class RotaryPositionEmbedding2D(_RotaryAngles):
+    """PPMA's rotary table: forward((H, W)) -> (sin, cos), each [H, W, key_dim]. ``angle`` is a
+    persistent buffer, as in PPMA's checkpoints."""
 
     def forward(self, slen: Sequence[int], activate_recurrent: bool = False):
         if activate_recurrent:
@@ -188,41 +193,43 @@ class _RetentionProjections(nn.Module):
 
 
 # ---------------------------------------------------------------- PPMA
-class MambaAttentionAllDouble(_RetentionProjections):
+class _PolylinePathAttention(_RetentionProjections):
+    """What PPMA's two forms share: the projections, LePE and out_proj, the path embedding of the
+    decays, and forward(x, rel_pos) with rel_pos = (sin, cos) from RotaryPositionEmbedding2D. A
+    form says which path embedding it has (chunkwise_recurrent, as PPMA names it) and how q, k, v
+    attend under the decays (_attend)."""
+    _chunkwise_recurrent = False
+
+    def __init__(self, embed_dim: int, num_heads: int, value_factor: int = 1, use_reference: bool = False):
+        super().__init__(embed_dim, num_heads, value_factor, use_reference)
+        self.path_embed = PathEmbeding2D(embed_dim, num_heads, chunkwise_recurrent=self._chunkwise_recurrent)
+        self.reset_parameters()
+
+    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
+        sin, cos = rel_pos
+        log_alpha, log_beta = self.path_embed(x)
+        q, k, v, lepe = self._qkv(x, sin, cos)
+        return self._out(self._attend(q, k, v, log_alpha, log_beta), lepe)
+
+
+class MambaAttentionAllDouble(_PolylinePathAttention):
     """PPMA's "whole" attention on x [B, H, W, C]: the symmetric polyline-path masked attention,
     0.5 softmax(q k^T s + logM) v + 0.5 softmax(q k^T s + logM^T) v, on
     torch.ops.vitk.polyline_attention (the [B, heads, N, N] mask is never built), then + LePE(v)
     and out_proj. forward(x, rel_pos) with rel_pos = (sin, cos) from RotaryPositionEmbedding2D."""
 
-    def __init__(self, embed_dim: int, num_heads: int, value_factor: int = 1, use_reference: bool = False):
-        super().__init__(embed_dim, num_heads, value_factor, use_reference)
-        self.path_embed = PathEmbeding2D(embed_dim, num_heads, chunkwise_recurrent=False)
-        self.reset_parameters()
-
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
-        sin, cos = rel_pos
-        log_alpha, log_beta = self.path_embed(x)
-        q, k, v, lepe = self._qkv(x, sin, cos)
-        o = _pick(self.use_reference, "polyline_attention")(q, k, v, log_alpha, log_beta, self.scaling, True)
-        return self._out(o, lepe)
+    def _attend(self, q, k, v, log_alpha, log_beta):
+        return _pick(self.use_reference, "polyline_attention")(q, k, v, log_alpha, log_beta, self.scaling, True)
 
 
-class MambaAttentionChunkDouble(_RetentionProjections):
+class MambaAttentionChunkDouble(_PolylinePathAttention):
     """PPMA's "chunk" (criss-cross) attention on x [B, H, W, C]: with A_w attention within each row
     (decays log_alpha) and A_h within each column (log_beta), 0.5 A_h(A_w v) + 0.5 A_w(A_h v), on
     torch.ops.vitk.axial_decay_attention, then + LePE(v) and out_proj. Same contract as the whole form."""
+    _chunkwise_recurrent = True
 
-    def __init__(self, embed_dim: int, num_heads: int, value_factor: int = 1, use_reference: bool = False):
-        super().__init__(embed_dim, num_heads, value_factor, use_reference)
-        self.path_embed = PathEmbeding2D(embed_dim, num_heads, chunkwise_recurrent=True)
-        self.reset_parameters()
-
-    def forward(self, x: torch.Tensor, rel_pos) -> torch.Tensor:
-        sin, cos = rel_pos
-        log_alpha, log_beta = self.path_embed(x)
-        q, k, v, lepe = self._qkv(x, sin, cos)
-        o = _pick(self.use_reference, "axial_decay_attention")(q, k, v, log_alpha, log_beta, self.scaling)
-        return self._out(o, lepe)
+    def _attend(self, q, k, v, log_alpha, log_beta):
+        return _pick(self.use_reference, "axial_decay_attention")(q, k, v, log_alpha, log_beta, self.scaling)
 
 
 # ---------------------------------------------------------------- RMT
@@ -232,17 +239,13 @@ def rmt_decay(num_heads: int, initial_value: float, heads_range: float) -> torch
     return torch.log(1 - 2 ** (-initial_value - heads_range * h / num_heads))
 
 
-class RetNetRelPos2d(nn.Module):
+class RetNetRelPos2d(_RotaryAngles):
     """RMT's relative position: buffers ``angle`` (RoPE) and ``decay`` (log gamma per head), both
     persistent as in RMT's checkpoints. forward((H, W)) -> ((sin, cos), decay): RMT returns the dense
     [heads, N, N] Manhattan mask there; the fused block needs only the [heads] decay it is made of."""
 
     def __init__(self, embed_dim: int, num_heads: int, initial_value: float, heads_range: float):
-        super().__init__()
-        self.initial_value = initial_value
-        self.heads_range = heads_range
-        self.num_heads = num_heads
-        self.register_buffer("angle", _rope_angle(embed_dim, num_heads))
+        super().__init__(embed_dim, num_heads, initial_value, heads_range)
         self.register_buffer("decay", rmt_decay(num_heads, initial_value, heads_range))
 
     def forward(self, slen: Sequence[int], activate_recurrent: bool = False, chunkwise_recurrent: bool = False):
@@ -337,6 +340,13 @@ class GMMAttention(nn.Module):
         return self.to_out(o.reshape(B, N, self.inner_dim))
 
 
+def _check_heads(dim: int, num_heads: int, attn_drop: float) -> None:
+    if dim % num_heads:
+        raise ValueError(f"dim: expected a multiple of num_heads ({num_heads}), got {dim}")
+    if attn_drop:
+        raise NotImplementedError(f"attn_drop={attn_drop}: the fused op has no attention dropout")
+
+
 class GMMViTAttention(nn.Module):
     """A timm ViT Attention (qkv, q_norm, k_norm, attn_drop, proj, proj_drop; timm's names, so a
     timm checkpoint's attention weights load) with a Gaussian-mixture mask multiplying the scaled
@@ -352,10 +362,7 @@ class GMMViTAttention(nn.Module):
                  qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  norm_layer=nn.LayerNorm, use_reference: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads ({num_heads}), got {dim}")
-        if attn_drop:
-            raise NotImplementedError(f"attn_drop={attn_drop}: the fused op has no attention dropout")
+        _check_heads(dim, num_heads, attn_drop)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
@@ -388,10 +395,7 @@ class SpatialReductionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, sr_ratio: int = 1, linear_attn: bool = False,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, use_reference: bool = False):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads ({num_heads}), got {dim}")
-        if attn_drop:
-            raise NotImplementedError(f"attn_drop={attn_drop}: the fused op has no attention dropout")
+        _check_heads(dim, num_heads, attn_drop)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

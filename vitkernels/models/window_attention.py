@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.window_attention import window_attention
+from ..reference.window_attention import relative_position_index
 
 _Size2 = Union[int, Tuple[int, int]]
 
@@ -57,13 +58,6 @@ class _DropsDerivedBuffers:
         for name in self._derived_buffers:
             state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def relative_position_index(win_h: int, win_w: int) -> torch.Tensor:
-    """timm's [N, N] index into the [(2wh-1)(2ww-1), heads] table (the op computes it on the fly)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(win_h), torch.arange(win_w), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    return (rel[..., 0] + win_h - 1) * (2 * win_w - 1) + (rel[..., 1] + win_w - 1)
 
 
 def relative_coords_table(window_size: Tuple[int, int], pretrained_window_size: Tuple[int, int] = (0, 0)):
@@ -229,12 +223,36 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
+def _drop_path(p: float) -> nn.Module:
+    return DropPath(p) if p > 0.0 else nn.Identity()
+
+
 def _init_linear(m: nn.Module):
     # timm's init for Swin (init_weights_vit_timm / SwinTransformerV2._init_weights).
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class _SwinBlock(_DropsDerivedBuffers, nn.Module):
+    """What timm's v1 and v2 blocks share: the window and shift of their input resolution, and the
+    attention of ``attn`` run with the block's shift. Subclasses order their layers as timm does."""
+    _derived_buffers = ("attn_mask",)
+
+    def _set_windows(self, dim: int, input_resolution: _Size2, window_size: _Size2, shift_size: _Size2,
+                     always_partition: bool, dynamic_mask: bool, mlp_ratio: float) -> None:
+        self.dim = dim
+        self.input_resolution = to_2tuple(input_resolution)
+        self.target_shift_size = to_2tuple(shift_size)
+        self.always_partition, self.dynamic_mask = always_partition, dynamic_mask
+        self.window_size, self.shift_size = calc_window_shift(self.input_resolution, window_size, shift_size,
+                                                              always_partition)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.mlp_ratio = mlp_ratio
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, self.shift_size)
 
 
 # ---------------------------------------------------------------- Swin (v1)
@@ -271,7 +289,7 @@ class WindowAttention(_DropsDerivedBuffers, nn.Module):
         return swin_v1_attention(self, x, self.window_size, shift_size)
 
 
-class SwinTransformerBlock(_DropsDerivedBuffers, nn.Module):
+class SwinTransformerBlock(_SwinBlock):
     """timm's pre-norm Swin block on x [B, H, W, C]: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
     ``window_size`` / ``shift_size`` follow timm's rule: an axis of ``input_resolution`` no longer
@@ -280,7 +298,6 @@ class SwinTransformerBlock(_DropsDerivedBuffers, nn.Module):
     ``dynamic_mask``; ``dynamic_mask`` is accepted for compatibility and changes nothing here). For
     H, W not multiples of the window see the module docstring (padded positions are absent keys).
     """
-    _derived_buffers = ("attn_mask",)
 
     def __init__(self, dim: int, input_resolution: _Size2, num_heads: int = 4, head_dim: Optional[int] = None,
                  window_size: _Size2 = 7, shift_size: _Size2 = 0, always_partition: bool = False,
@@ -288,24 +305,14 @@ class SwinTransformerBlock(_DropsDerivedBuffers, nn.Module):
                  attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: Callable = nn.GELU,
                  norm_layer: Callable = nn.LayerNorm):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = to_2tuple(input_resolution)
-        self.target_shift_size = to_2tuple(shift_size)
-        self.always_partition, self.dynamic_mask = always_partition, dynamic_mask
-        self.window_size, self.shift_size = calc_window_shift(self.input_resolution, window_size, shift_size,
-                                                              always_partition)
-        self.window_area = self.window_size[0] * self.window_size[1]
-        self.mlp_ratio = mlp_ratio
+        self._set_windows(dim, input_resolution, window_size, shift_size, always_partition, dynamic_mask, mlp_ratio)
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, num_heads=num_heads, head_dim=head_dim, window_size=self.window_size,
                                     qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path1 = _drop_path(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, self.shift_size)
+        self.drop_path2 = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attn(self.norm1(x)))
@@ -337,13 +344,30 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(merge_2x2(x)))
 
 
-def _stage_downsample(merging: Callable, dim: int, out_dim: int, downsample: bool, norm_layer: Callable) -> nn.Module:
-    """A stage's ``downsample``: the patch merging layer, or Identity when the stage keeps its resolution."""
+def _build_stage(stage: nn.Module, merging: Callable, block: Callable, dim: int, out_dim: int,
+                 input_resolution: _Size2, depth: int, downsample: bool, window_size: _Size2,
+                 drop_path: Union[float, Sequence[float]], norm_layer: Callable, **block_kwargs) -> list:
+    """What timm's v1 and v2 stages share: sets ``stage``'s resolutions and ``downsample`` (the patch
+    merging layer, or Identity when the stage keeps its resolution) and returns its ``depth``
+    blocks, unshifted and shifted by window // 2 in turn, block i with drop_path[i]."""
+    stage.dim = dim
+    stage.input_resolution = to_2tuple(input_resolution)
+    stage.output_resolution = (tuple(i // 2 for i in stage.input_resolution) if downsample
+                               else stage.input_resolution)
+    stage.depth = depth
     if downsample:
-        return merging(dim=dim, out_dim=out_dim, norm_layer=norm_layer)
-    if dim != out_dim:
+        stage.downsample = merging(dim=dim, out_dim=out_dim, norm_layer=norm_layer)
+    elif dim != out_dim:
         raise ValueError(f"out_dim: expected dim ({dim}) for a stage without downsampling, got {out_dim}")
-    return nn.Identity()
+    else:
+        stage.downsample = nn.Identity()
+    window_size = to_2tuple(window_size)
+    shift_size = tuple(w // 2 for w in window_size)
+    return [block(dim=out_dim, input_resolution=stage.output_resolution, window_size=window_size,
+                  shift_size=0 if i % 2 == 0 else shift_size,
+                  drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                  norm_layer=norm_layer, **block_kwargs)
+            for i in range(depth)]
 
 
 class SwinTransformerStage(nn.Module):
@@ -356,22 +380,11 @@ class SwinTransformerStage(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: Union[float, Sequence[float]] = 0.0, norm_layer: Callable = nn.LayerNorm):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = to_2tuple(input_resolution)
-        self.output_resolution = tuple(i // 2 for i in self.input_resolution) if downsample else self.input_resolution
-        self.depth = depth
-        window_size = to_2tuple(window_size)
-        shift_size = tuple(w // 2 for w in window_size)
-        self.downsample = _stage_downsample(PatchMerging, dim, out_dim, downsample, norm_layer)
-        self.blocks = nn.Sequential(*[
-            SwinTransformerBlock(
-                dim=out_dim, input_resolution=self.output_resolution, num_heads=num_heads, head_dim=head_dim,
-                window_size=window_size, shift_size=0 if i % 2 == 0 else shift_size,
-                always_partition=always_partition, dynamic_mask=dynamic_mask, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
-                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                norm_layer=norm_layer)
-            for i in range(depth)])
+        self.blocks = nn.Sequential(*_build_stage(
+            self, PatchMerging, SwinTransformerBlock, dim, out_dim, input_resolution, depth, downsample,
+            window_size, drop_path, norm_layer, num_heads=num_heads, head_dim=head_dim,
+            always_partition=always_partition, dynamic_mask=dynamic_mask, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            proj_drop=proj_drop, attn_drop=attn_drop))
 
     def forward(self, x):
         return self.blocks(self.downsample(x))
@@ -387,19 +400,15 @@ def _per_stage(x, n):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
 
 
-class SwinTransformer(nn.Module):
-    """timm's SwinTransformer (v1): patch_embed, layers (stages), norm, head (ClassifierHead).
+class _SwinNetwork(nn.Module):
+    """What timm's SwinTransformer and SwinTransformerV2 share: patch_embed, layers (stage i gets
+    per_stage[i] and the common stage_kwargs; every stage after the first halves the resolution),
+    norm, head, and timm's Linear init."""
 
-    Same constructor arguments as timm's for the architecture; a timm state dict loads with
-    strict=True. Features are NHWC throughout; forward returns logits [B, num_classes].
-    """
-
-    def __init__(self, img_size: _Size2 = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
-                 global_pool: str = "avg", embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
-                 num_heads: Sequence[int] = (3, 6, 12, 24), head_dim: Optional[int] = None,
-                 window_size: _Size2 = 7, always_partition: bool = False, strict_img_size: bool = True,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: Callable = nn.LayerNorm):
+    def __init__(self, stage: Callable, per_stage: Sequence[dict], img_size: _Size2, patch_size: int,
+                 in_chans: int, num_classes: int, global_pool: str, embed_dim, depths: Sequence[int],
+                 strict_img_size: bool, drop_rate: float, drop_path_rate: float, norm_layer: Callable,
+                 **stage_kwargs):
         super().__init__()
         self.num_classes, self.global_pool = num_classes, global_pool
         self.output_fmt = "NHWC"
@@ -410,21 +419,13 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, widths[0], norm_layer=norm_layer,
                                       strict_img_size=strict_img_size)
         grid = self.patch_embed.grid_size
-        head_dim = _per_stage(head_dim, self.num_layers)
-        # timm's reading: a pair is one (wh, ww) window for every stage, any other sequence is per stage.
-        if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
-            window_size = (tuple(window_size),) * self.num_layers
-        window_size = _per_stage(window_size, self.num_layers)
-        mlp_ratio = _per_stage(mlp_ratio, self.num_layers)
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
         layers, in_dim, scale = [], widths[0], 1
         for i in range(self.num_layers):
-            layers.append(SwinTransformerStage(
+            layers.append(stage(
                 dim=in_dim, out_dim=widths[i], input_resolution=(grid[0] // scale, grid[1] // scale),
-                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], head_dim=head_dim[i],
-                window_size=window_size[i], always_partition=always_partition, dynamic_mask=not strict_img_size,
-                mlp_ratio=mlp_ratio[i], qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], norm_layer=norm_layer))
+                depth=depths[i], downsample=i > 0, dynamic_mask=not strict_img_size, drop_path=dpr[i],
+                norm_layer=norm_layer, **per_stage[i], **stage_kwargs))
             in_dim = widths[i]
             if i > 0:
                 scale *= 2
@@ -441,6 +442,32 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+class SwinTransformer(_SwinNetwork):
+    """timm's SwinTransformer (v1): patch_embed, layers (stages), norm, head (ClassifierHead).
+
+    Same constructor arguments as timm's for the architecture; a timm state dict loads with
+    strict=True. Features are NHWC throughout; forward returns logits [B, num_classes].
+    """
+
+    def __init__(self, img_size: _Size2 = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 global_pool: str = "avg", embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
+                 num_heads: Sequence[int] = (3, 6, 12, 24), head_dim: Optional[int] = None,
+                 window_size: _Size2 = 7, always_partition: bool = False, strict_img_size: bool = True,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, norm_layer: Callable = nn.LayerNorm):
+        n = len(depths)
+        # timm's reading: a pair is one (wh, ww) window for every stage, any other sequence is per stage.
+        if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+            window_size = (tuple(window_size),) * n
+        head_dim, window_size, mlp_ratio = (_per_stage(x, n) for x in (head_dim, window_size, mlp_ratio))
+        per_stage = [dict(num_heads=num_heads[i], head_dim=head_dim[i], window_size=window_size[i],
+                          mlp_ratio=mlp_ratio[i]) for i in range(n)]
+        super().__init__(SwinTransformerStage, per_stage, img_size, patch_size, in_chans, num_classes, global_pool,
+                         embed_dim, depths, strict_img_size, drop_rate, drop_path_rate, norm_layer,
+                         always_partition=always_partition, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                         attn_drop=attn_drop_rate)
 
 
 def swin_t(**kwargs) -> SwinTransformer:
@@ -503,11 +530,10 @@ class WindowAttentionV2(_DropsDerivedBuffers, nn.Module):
         return swin_v2_attention(self, x, self.window_size, shift_size)
 
 
-class SwinTransformerV2Block(_DropsDerivedBuffers, nn.Module):
+class SwinTransformerV2Block(_SwinBlock):
     """timm's res-post-norm Swin-V2 block on x [B, H, W, C]: x + norm1(attn(x)), then
     x + norm2(mlp(x)). Window and shift rules, and the non-multiple-of-window caveat, as in
     SwinTransformerBlock."""
-    _derived_buffers = ("attn_mask",)
 
     def __init__(self, dim: int, input_resolution: _Size2, num_heads: int, window_size: _Size2 = 7,
                  shift_size: _Size2 = 0, always_partition: bool = False, dynamic_mask: bool = False,
@@ -515,26 +541,16 @@ class SwinTransformerV2Block(_DropsDerivedBuffers, nn.Module):
                  drop_path: float = 0.0, act_layer: Callable = nn.GELU, norm_layer: Callable = nn.LayerNorm,
                  pretrained_window_size: _Size2 = 0):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = to_2tuple(input_resolution)
+        self._set_windows(dim, input_resolution, window_size, shift_size, always_partition, dynamic_mask, mlp_ratio)
         self.num_heads = num_heads
-        self.target_shift_size = to_2tuple(shift_size)
-        self.always_partition, self.dynamic_mask = always_partition, dynamic_mask
-        self.window_size, self.shift_size = calc_window_shift(self.input_resolution, window_size, shift_size,
-                                                              always_partition)
-        self.window_area = self.window_size[0] * self.window_size[1]
-        self.mlp_ratio = mlp_ratio
         self.attn = WindowAttentionV2(dim, window_size=self.window_size, num_heads=num_heads, qkv_bias=qkv_bias,
                                       attn_drop=attn_drop, proj_drop=proj_drop,
                                       pretrained_window_size=to_2tuple(pretrained_window_size))
         self.norm1 = norm_layer(dim)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path1 = _drop_path(drop_path)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.norm2 = norm_layer(dim)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x, self.shift_size)
+        self.drop_path2 = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self._attn(x)))
@@ -565,21 +581,11 @@ class SwinTransformerV2Stage(nn.Module):
                  act_layer: Callable = nn.GELU, norm_layer: Callable = nn.LayerNorm,
                  pretrained_window_size: _Size2 = 0):
         super().__init__()
-        self.dim = dim
-        self.input_resolution = to_2tuple(input_resolution)
-        self.output_resolution = tuple(i // 2 for i in self.input_resolution) if downsample else self.input_resolution
-        self.depth = depth
-        window_size = to_2tuple(window_size)
-        shift_size = tuple(w // 2 for w in window_size)
-        self.downsample = _stage_downsample(PatchMergingV2, dim, out_dim, downsample, norm_layer)
-        self.blocks = nn.ModuleList([
-            SwinTransformerV2Block(
-                dim=out_dim, input_resolution=self.output_resolution, num_heads=num_heads, window_size=window_size,
-                shift_size=0 if i % 2 == 0 else shift_size, always_partition=always_partition,
-                dynamic_mask=dynamic_mask, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-                attn_drop=attn_drop, drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
-                act_layer=act_layer, norm_layer=norm_layer, pretrained_window_size=pretrained_window_size)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(_build_stage(
+            self, PatchMergingV2, SwinTransformerV2Block, dim, out_dim, input_resolution, depth, downsample,
+            window_size, drop_path, norm_layer, num_heads=num_heads, always_partition=always_partition,
+            dynamic_mask=dynamic_mask, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, act_layer=act_layer, pretrained_window_size=pretrained_window_size))
 
     def forward(self, x):
         x = self.downsample(x)
@@ -595,7 +601,7 @@ class SwinTransformerV2Stage(nn.Module):
                 nn.init.zeros_(norm.bias)
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(_SwinNetwork):
     """timm's SwinTransformerV2: patch_embed, layers, norm, head; a timm state dict loads with strict=True."""
 
     def __init__(self, img_size: _Size2 = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -605,44 +611,16 @@ class SwinTransformerV2(nn.Module):
                  drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, act_layer: Callable = nn.GELU, norm_layer: Callable = nn.LayerNorm,
                  pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)):
-        super().__init__()
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.output_fmt = "NHWC"
-        self.num_layers = len(depths)
-        self.embed_dim = embed_dim
-        widths = _stage_widths(embed_dim, self.num_layers)
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, widths[0], norm_layer=norm_layer,
-                                      strict_img_size=strict_img_size)
-        grid = self.patch_embed.grid_size
-        pretrained_window_sizes = _per_stage(pretrained_window_sizes, self.num_layers)
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))]
-        layers, in_dim, scale = [], widths[0], 1
-        for i in range(self.num_layers):
-            layers.append(SwinTransformerV2Stage(
-                dim=in_dim, out_dim=widths[i], input_resolution=(grid[0] // scale, grid[1] // scale),
-                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], window_size=window_size,
-                always_partition=always_partition, dynamic_mask=not strict_img_size, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                act_layer=act_layer, norm_layer=norm_layer, pretrained_window_size=pretrained_window_sizes[i]))
-            in_dim = widths[i]
-            if i > 0:
-                scale *= 2
-        self.layers = nn.Sequential(*layers)
-        self.norm = norm_layer(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        self.apply(_init_linear)
+        n = len(depths)
+        pretrained_window_sizes = _per_stage(pretrained_window_sizes, n)
+        per_stage = [dict(num_heads=num_heads[i], pretrained_window_size=pretrained_window_sizes[i])
+                     for i in range(n)]
+        super().__init__(SwinTransformerV2Stage, per_stage, img_size, patch_size, in_chans, num_classes, global_pool,
+                         embed_dim, depths, strict_img_size, drop_rate, drop_path_rate, norm_layer,
+                         window_size=window_size, always_partition=always_partition, mlp_ratio=mlp_ratio,
+                         qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer)
         for stage in self.layers:
             stage._init_respostnorm()
-
-    def forward_features(self, x):
-        return self.norm(self.layers(self.patch_embed(x)))
-
-    def forward_head(self, x, pre_logits: bool = False):
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
 
 
 def swinv2_t(img_size: int = 256, window_size: int = 8, **kwargs) -> SwinTransformerV2:

@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 
 def relative_position_index(win_h: int, win_w: int, device=None) -> torch.Tensor:
-    """timm's [N, N] index into the [(2wh-1)(2ww-1), heads] bias table (N = wh*ww, row-major tokens)."""
+    """timm's [N, N] index into the [(2wh-1)(2ww-1), heads] bias table (N = wh*ww, row-major tokens).
+
+    The package's one copy: the models register it as timm's buffer of that name, and the Triton
+    backward folds its per-pair bias gradient onto the table with it.
+    """
     coords = torch.stack(torch.meshgrid(torch.arange(win_h, device=device), torch.arange(win_w, device=device),
                                         indexing="ij")).flatten(1)          # [2, N]
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)         # [N, N, 2]

@@ -57,11 +57,11 @@ Backward: the standard two-kernel scheme, deterministic for dq, dk, dv:
 Recomputing S in both kernels costs one extra QK^T against an atomic dQ; for window groups (N <=
 ~256 tokens) that is cheap, and the results do not depend on scheduling.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_ctx, is_interpreted, launcher
 
 # Modifier kinds. Plain ints for the launchers, constexpr twins for the kernels.
 WINDOW = 1
@@ -165,6 +165,21 @@ def _tokens(KIND: tl.constexpr, g, t, n, start, H, W, SH, SW, NWX, NW,
 @triton.jit
 def _offsets(i0, i1, i2, s0, s1, s2):
     return i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+
+
+@triton.jit
+def _load_rows(X, i0, i1, i2, s0, s1, s2, s_h, s_d, head, cols, n_cols, present):
+    """The [tokens, cols] tile of one head of X at the tokens' coordinates; absent tokens and the
+    columns past n_cols (head-dim padding) read 0."""
+    return tl.load(X + _offsets(i0, i1, i2, s0, s1, s2)[:, None] + head * s_h + cols[None, :] * s_d,
+                   mask=present[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(X, i0, i1, i2, s0, s1, s2, s_h, s_d, head, cols, n_cols, present, tile):
+    """Stores a [tokens, cols] tile where _load_rows reads it, in X's dtype."""
+    tl.store(X + _offsets(i0, i1, i2, s0, s1, s2)[:, None] + head * s_h + cols[None, :] * s_d,
+             tile.to(X.dtype.element_ty), mask=present[:, None] & (cols < n_cols)[None, :])
 
 
 @triton.jit
@@ -424,8 +439,7 @@ def _attn_fwd(
     qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
     dk = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk[None, :] * s_qd,
-                mask=q_in[:, None] & (dk < DQK)[None, :], other=0.0)
+    q = _load_rows(Q, qa, qb, qc, s_q0, s_q1, s_q2, s_qh, s_qd, head, dk, DQK, q_in)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -435,8 +449,7 @@ def _attn_fwd(
         ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
         kT = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[None, :] + head * s_kh + dk[:, None] * s_kd,
                      mask=k_in[None, :] & (dk < DQK)[:, None], other=0.0)
-        v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv[None, :] * s_vd,
-                    mask=k_in[:, None] & (dv < DV)[None, :], other=0.0)
+        v = _load_rows(V, ka, kb, kc, s_v0, s_v1, s_v2, s_vh, s_vd, head, dv, DV, k_in)
         s = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
         s = _score_mod(KIND, s, offs_m[:, None], offs_n[None, :], g, head,
                        BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW,
@@ -456,8 +469,7 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
-    tl.store(O + _offsets(qa, qb, qc, s_o0, s_o1, s_o2)[:, None] + head * s_oh + dv[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=q_in[:, None] & (dv < DV)[None, :])
+    _store_rows(O, qa, qb, qc, s_o0, s_o1, s_o2, s_oh, s_od, head, dv, DV, q_in, out)
     tl.store(LSE + _offsets(qa, qb, qc, s_l0, s_l1, s_l2) + head * s_lh, lse, mask=q_in)
 
 
@@ -481,11 +493,8 @@ def _attn_bwd_preprocess(
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
     dv = tl.arange(0, BLOCK_DV)
-    m = q_in[:, None] & (dv < DV)[None, :]
-    o = tl.load(O + _offsets(qa, qb, qc, s_o0, s_o1, s_o2)[:, None] + head * s_oh + dv[None, :] * s_od,
-                mask=m, other=0.0)
-    do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv[None, :] * s_gd,
-                 mask=m, other=0.0)
+    o = _load_rows(O, qa, qb, qc, s_o0, s_o1, s_o2, s_oh, s_od, head, dv, DV, q_in)
+    do = _load_rows(DO, qa, qb, qc, s_g0, s_g1, s_g2, s_gh, s_gd, head, dv, DV, q_in)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + _offsets(qa, qb, qc, s_l0, s_l1, s_l2) + head * s_lh, delta, mask=q_in)
 
@@ -526,20 +535,16 @@ def _attn_bwd_dkdv(
     ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
     dk_ = tl.arange(0, BLOCK_DQK)
     dv_ = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[:, None] + head * s_kh + dk_[None, :] * s_kd,
-                mask=k_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
-    v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv_[None, :] * s_vd,
-                mask=k_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+    k = _load_rows(K, ka, kb, kc, s_k0, s_k1, s_k2, s_kh, s_kd, head, dk_, DQK, k_in)
+    v = _load_rows(V, ka, kb, kc, s_v0, s_v1, s_v2, s_vh, s_vd, head, dv_, DV, k_in)
 
     acc_k = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m0 in range(0, n_q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
-        q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk_[None, :] * s_qd,
-                    mask=q_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
-        do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv_[None, :] * s_gd,
-                     mask=q_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+        q = _load_rows(Q, qa, qb, qc, s_q0, s_q1, s_q2, s_qh, s_qd, head, dk_, DQK, q_in)
+        do = _load_rows(DO, qa, qb, qc, s_g0, s_g1, s_g2, s_gh, s_gd, head, dv_, DV, q_in)
         l_off = _offsets(qa, qb, qc, s_l0, s_l1, s_l2)
         lse2 = _load_lse2(LSE, l_off, head, s_lh, q_in)
         delta = tl.load(DELTA + l_off + head * s_lh, mask=q_in, other=0.0)
@@ -557,10 +562,8 @@ def _attn_bwd_dkdv(
         acc_k = _dot(dsT.to(q.dtype), q, acc_k, IEEE, UPCAST)
 
     acc_k = acc_k * sm_scale
-    tl.store(DK + _offsets(ka, kb, kc, s_dk0, s_dk1, s_dk2)[:, None] + head * s_dkh + dk_[None, :] * s_dkd,
-             acc_k.to(DK.dtype.element_ty), mask=k_in[:, None] & (dk_ < DQK)[None, :])
-    tl.store(DVo + _offsets(ka, kb, kc, s_dv0, s_dv1, s_dv2)[:, None] + head * s_dvh + dv_[None, :] * s_dvd,
-             acc_v.to(DVo.dtype.element_ty), mask=k_in[:, None] & (dv_ < DV)[None, :])
+    _store_rows(DK, ka, kb, kc, s_dk0, s_dk1, s_dk2, s_dkh, s_dkd, head, dk_, DQK, k_in, acc_k)
+    _store_rows(DVo, ka, kb, kc, s_dv0, s_dv1, s_dv2, s_dvh, s_dvd, head, dv_, DV, k_in, acc_v)
 
 
 @triton.jit
@@ -597,10 +600,8 @@ def _attn_bwd_dq(
     qa, qb, qc, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
     dk_ = tl.arange(0, BLOCK_DQK)
     dv_ = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + _offsets(qa, qb, qc, s_q0, s_q1, s_q2)[:, None] + head * s_qh + dk_[None, :] * s_qd,
-                mask=q_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
-    do = tl.load(DO + _offsets(qa, qb, qc, s_g0, s_g1, s_g2)[:, None] + head * s_gh + dv_[None, :] * s_gd,
-                 mask=q_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+    q = _load_rows(Q, qa, qb, qc, s_q0, s_q1, s_q2, s_qh, s_qd, head, dk_, DQK, q_in)
+    do = _load_rows(DO, qa, qb, qc, s_g0, s_g1, s_g2, s_gh, s_gd, head, dv_, DV, q_in)
     l_off = _offsets(qa, qb, qc, s_l0, s_l1, s_l2)
     lse2 = _load_lse2(LSE, l_off, head, s_lh, q_in)
     delta = tl.load(DELTA + l_off + head * s_lh, mask=q_in, other=0.0)
@@ -613,10 +614,8 @@ def _attn_bwd_dq(
     for n0 in range(0, n_k, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
-        k = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[:, None] + head * s_kh + dk_[None, :] * s_kd,
-                    mask=k_in[:, None] & (dk_ < DQK)[None, :], other=0.0)
-        v = tl.load(V + _offsets(ka, kb, kc, s_v0, s_v1, s_v2)[:, None] + head * s_vh + dv_[None, :] * s_vd,
-                    mask=k_in[:, None] & (dv_ < DV)[None, :], other=0.0)
+        k = _load_rows(K, ka, kb, kc, s_k0, s_k1, s_k2, s_kh, s_kd, head, dk_, DQK, k_in)
+        v = _load_rows(V, ka, kb, kc, s_v0, s_v1, s_v2, s_vh, s_vd, head, dv_, DV, k_in)
         s_raw = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
         s = _score_mod(KIND, s_raw, offs_m[:, None], offs_n[None, :], g, head,
                        BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW,
@@ -640,38 +639,38 @@ def _attn_bwd_dq(
     if BIAS_GRAD:
         _param_grad_rows(KIND, row_acc, offs_m, q_in, g, head, DB, DB2, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
     acc = acc * sm_scale
-    tl.store(DQ + _offsets(qa, qb, qc, s_dq0, s_dq1, s_dq2)[:, None] + head * s_dqh + dk_[None, :] * s_dqd,
-             acc.to(DQ.dtype.element_ty), mask=q_in[:, None] & (dk_ < DQK)[None, :])
+    _store_rows(DQ, qa, qb, qc, s_dq0, s_dq1, s_dq2, s_dqh, s_dqd, head, dk_, DQK, q_in, acc)
 
 
 # ------------------------------------------------------------------------------ host side
-IS_INTERPRETED = type(_attn_fwd).__name__ == "InterpretedFunction"
+IS_INTERPRETED = is_interpreted(_attn_fwd)
 
 
-@functools.lru_cache(maxsize=None)
-def launcher(kernel):
-    """kernel launched through torch.library.wrap_triton, so torch.compile can trace the launch.
-
-    Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction, which torch >= 2.12's
-    wrap_triton hands back as is and older versions reject; then launch the kernel directly.
-    """
-    try:
-        return torch.library.wrap_triton(kernel)
-    except RuntimeError:
-        return kernel
+# Gradients that many programs add into atomically get up to this many copies on a GPU, so that
+# programs running at once collide on an address less often; the copies are summed afterwards.
+_MAX_REPLICAS = 16
+_REPLICA_BUFFER_BYTES = 64 << 20
 
 
-class _nullctx:
-    def __enter__(self):
-        return None
+def gradient_replicas(groups: int, per_copy_bytes: int, device: torch.device) -> int:
+    """How many copies of an atomically accumulated fp32 gradient buffer to spread groups over."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(_MAX_REPLICAS, groups, _REPLICA_BUFFER_BYTES // max(per_copy_bytes, 1)))
 
-    def __exit__(self, *exc):
-        return False
+
+def new_outputs(q: torch.Tensor, v: torch.Tensor):
+    """(out, lse) for q's token layout [..., heads, d]: out [..., heads, dv] contiguous in q's dtype,
+    lse [..., heads] fp32."""
+    out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    return out, lse
 
 
-def device_ctx(t: torch.Tensor):
-    # Triton launches on the current device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
+def new_input_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, zeros: bool = False):
+    """(dq, dk, dv): contiguous, shaped like q, k, v, in q's dtype."""
+    new = torch.zeros if zeros else torch.empty
+    return tuple(new(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
 
 
 def head_block(d: int) -> int:
@@ -692,24 +691,14 @@ def tile_config(n_keys: int, block_dqk: int, block_dv: int, dtype: torch.dtype, 
                 tall: bool = False, pair_gather: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the group size, head dims and dtype.
 
-    A heuristic, not autotuned: no GPU was at hand to time candidates, so the choices were checked
-    against ptxas's sm_90 register and spill counts instead. Windows hold 49..256 tokens, so a
-    group is a handful of tiles and a launch is many small programs; 64-wide tiles waste least on
-    a 7x7 window (49 of 64 rows). Once the key loop runs more than once, the bias gather's
-    loop-invariant half stays live across it, and 8 warps keep that from spilling. fp32 runs
-    tl.dot's exact FMA path (IEEE), which keeps operands in registers: 64-wide tiles spill there,
-    32 x 32 with 8 warps does not for head dims to 128. tall: 128-query tiles for long groups in
-    the 16-bit forward, as flash attention uses (only for kinds without a per-element modifier).
-    pair_gather: the modifier gathers per (query, key) from a table (POLYLINE reads two tables at
-    (a1, b2) and keeps the sign tiles live, GAUSS one table plus the raw scores in the backward):
-    three to five more fp32 [M, N] tiles, 96..160 more registers per thread at 64 x 64 with 4
-    warps. 8 warps halve each tile's share, and in 16 bits the key tile is halved to 32: compiled
-    for sm_90 without a GPU (triton.compile + cuobjdump, head dim 32), POLYLINE at 64 x 64 / 8 warps
-    hit 255 registers with 24 (fwd), 88 (dK/dV) and 544 (dQ, with the decay-gradient scatters)
-    bytes of spills, GAUSS 24 bytes in dK/dV. With 64 x 32 forward tiles neither spills (POLYLINE
-    234, GAUSS 123 registers); the backward still spilled at 64 x 32 (24..40 bytes), so it runs
-    32 x 32: GAUSS 192 / 180 registers, no spills; POLYLINE dQ 254, no spills, dK/dV 16..24 bytes
-    (the key-side table reads and int64 addresses it hoists out of the query loop).
+    A heuristic, not autotuned: the choices were checked against ptxas's sm_90 register and spill
+    counts, compiled without a GPU. 64-wide tiles waste least on a 7x7 window (49 of 64 rows), and
+    8 warps keep the bias gather's loop-invariant half from spilling once the key loop runs more
+    than once. fp32 (exact IEEE dots, operands in registers) spills at 64 x 64, so it runs 32 x 32
+    with 8 warps. tall: 128-query tiles for long groups in the 16-bit forward, as flash attention
+    uses (kinds without a per-element modifier only). pair_gather (POLYLINE, GAUSS: a table read
+    per (query, key) pair) holds three to five more fp32 [M, N] tiles, so it takes 8 warps and
+    32-key tiles, and 32 x 32 in the backward, where 64 x 32 still spilled.
     """
     wide = max(block_dqk, block_dv)
     pow2 = max(16, 1 << max(0, int(n_keys) - 1).bit_length())

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_ctx, is_interpreted, launcher
+
 _EPS = 1e-12           # F.normalize's default eps
 # Larger than any code index, so it loses every lowest-index tie break.
 _BIG_INDEX = tl.constexpr(2**31 - 1)
@@ -217,19 +219,25 @@ def _argmin_combine_kernel(
 
 # ------------------------------------------------------------------- lookup and its backward
 @triton.jit
-def _lookup_kernel(idx_ptr, cb_ptr, out_ptr, R, G, K, D, s_i, s_cg, s_ck, s_cd,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r, :] = codebook[r % G, indices[r], :] for BLOCK_R flat rows and BLOCK_D columns."""
+def _rows_and_codes(idx_ptr, R, K, D, s_i, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's flat rows (int64) and columns, their masks, each row's code index and whether
+    the row is valid: present, with an index in [0, K). The op layer range-checks indices, but a
+    kernel must never address outside the codebook on its own say-so: an invalid row's code is
+    clamped to 0 and every codebook access through it is masked off (lookup writes it as zeros)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_mask = r < R
-    d_mask = d < D
     r64 = r.to(tl.int64)
     k = tl.load(idx_ptr + r64 * s_i, mask=r_mask, other=0).to(tl.int64)
-    # The op layer range-checks indices, but a kernel must never read outside the codebook on its
-    # own say-so: out-of-range rows read nothing and come out as zeros.
     valid = r_mask & (k >= 0) & (k < K)
-    k = tl.where(valid, k, 0)
+    return r64, d, r_mask, d < D, tl.where(valid, k, 0), valid
+
+
+@triton.jit
+def _lookup_kernel(idx_ptr, cb_ptr, out_ptr, R, G, K, D, s_i, s_cg, s_ck, s_cd,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r, :] = codebook[r % G, indices[r], :] for BLOCK_R flat rows and BLOCK_D columns."""
+    r64, d, r_mask, d_mask, k, valid = _rows_and_codes(idx_ptr, R, K, D, s_i, BLOCK_R, BLOCK_D)
     src = cb_ptr + (r64 % G)[:, None] * s_cg + k[:, None] * s_ck + d[None, :] * s_cd
     vals = tl.load(src, mask=valid[:, None] & d_mask[None, :], other=0.0)
     tl.store(out_ptr + r64[:, None] * D + d[None, :], vals, mask=r_mask[:, None] & d_mask[None, :])
@@ -239,14 +247,7 @@ def _lookup_kernel(idx_ptr, cb_ptr, out_ptr, R, G, K, D, s_i, s_cg, s_ck, s_cd,
 def _lookup_backward_kernel(grad_ptr, idx_ptr, acc_ptr, R, G, K, D, s_gr, s_gd, s_i,
                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """acc[r % G, indices[r], :] += grad[r, :] with atomics (acc is fp32, or fp64 for fp64 grads)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    r_mask = r < R
-    d_mask = d < D
-    r64 = r.to(tl.int64)
-    k = tl.load(idx_ptr + r64 * s_i, mask=r_mask, other=0).to(tl.int64)
-    valid = r_mask & (k >= 0) & (k < K)
-    k = tl.where(valid, k, 0)
+    r64, d, _, d_mask, k, valid = _rows_and_codes(idx_ptr, R, K, D, s_i, BLOCK_R, BLOCK_D)
     m = valid[:, None] & d_mask[None, :]
     vals = tl.load(grad_ptr + r64[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
     dst = acc_ptr + ((r64 % G) * K + k)[:, None] * D + d[None, :]
@@ -255,7 +256,7 @@ def _lookup_backward_kernel(grad_ptr, idx_ptr, acc_ptr, R, G, K, D, s_gr, s_gd, 
 
 
 # ------------------------------------------------------------------------------ host side
-_IS_INTERPRETED = type(_argmin_kernel).__name__ == "InterpretedFunction"
+_IS_INTERPRETED = is_interpreted(_argmin_kernel)
 
 # A small autotune set for the search on a GPU, keyed by the work per program; the interpreter has
 # nothing to time and runs one fixed configuration. The sets were chosen from ptxas's register and
@@ -285,35 +286,8 @@ _COMBINE_BLOCK_M = 128
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(kernel):
-    """kernel launched through torch.library.wrap_triton, so torch.compile could trace the launch.
-
-    Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction, which torch >= 2.12's
-    wrap_triton hands back as is and older versions reject; then launch the kernel directly. The
-    public ops are opaque custom ops, so compile never traces into these functions either way.
-    """
-    try:
-        return torch.library.wrap_triton(kernel)
-    except RuntimeError:
-        return kernel
-
-
-@functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _collapse_dims(sizes: Sequence[int], strides: Sequence[int]) -> List[Tuple[int, int]]:
@@ -400,8 +374,8 @@ def _argmin_impl(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, split: i
     else:
         kernel, meta = (_argmin_fp32_autotuned if ieee else _argmin_16bit_autotuned), {}
     grid = (triton.cdiv(N, _BLOCK_M), G, split)
-    with _device_ctx(z):
-        _launcher(kernel)[grid](
+    with device_ctx(z):
+        launcher(kernel)[grid](
             z, cb, indices, distances, part_val, part_idx,
             N, K, D, G, n1, n2,
             s_z0, s_z1, s_z2, s_zg, s_zd,
@@ -410,7 +384,7 @@ def _argmin_impl(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, split: i
             **common, **meta,
         )
         if split > 1:
-            _launcher(_argmin_combine_kernel)[(triton.cdiv(N, _COMBINE_BLOCK_M), G)](
+            launcher(_argmin_combine_kernel)[(triton.cdiv(N, _COMBINE_BLOCK_M), G)](
                 z, cb, indices, distances, part_val, part_idx,
                 N, D, G, split, n1, n2,
                 s_z0, s_z1, s_z2, s_zg, s_zd,
@@ -461,8 +435,8 @@ def codebook_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
         return out
     BLOCK_R, BLOCK_D = _lookup_blocks(D)
     grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D))
-    with _device_ctx(codebook):
-        _launcher(_lookup_kernel)[grid](
+    with device_ctx(codebook):
+        launcher(_lookup_kernel)[grid](
             flat, cb, out, R, G, K, D, flat.stride(0), *cb.stride(),
             BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
         )
@@ -488,8 +462,8 @@ def codebook_lookup_backward(grad_output: torch.Tensor, indices: torch.Tensor,
         grad = grad_output.reshape(R, D)  # a view unless the layout forbids one
         BLOCK_R, BLOCK_D = _lookup_blocks(D)
         grid = (triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D))
-        with _device_ctx(grad_output):
-            _launcher(_lookup_backward_kernel)[grid](
+        with device_ctx(grad_output):
+            launcher(_lookup_backward_kernel)[grid](
                 grad, flat, acc, R, G, K, D, grad.stride(0), grad.stride(1), flat.stride(0),
                 BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
             )

@@ -36,10 +36,6 @@ import torch
 
 from . import attention_core as core
 
-_MAX_DMASK_REPLICAS = 16
-_DMASK_BUFFER_BYTES = 64 << 20
-
-
 def _empty(q: torch.Tensor) -> torch.Tensor:
     # What the fake kernels return for a parameter gradient that was not asked for.
     return q.new_empty((0,))
@@ -68,13 +64,6 @@ def _prefix(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """y[i] = sum_{t >= i} x[t]: the gradient of a prefix sum."""
     return torch.flip(torch.cumsum(torch.flip(x, (dim,)), dim), (dim,))
-
-
-def _replicas(groups: int, per_copy_bytes: int, device: torch.device) -> int:
-    """Copies of an atomically accumulated gradient buffer, to spread contention on a GPU."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(_MAX_DMASK_REPLICAS, groups, _DMASK_BUFFER_BYTES // max(per_copy_bytes, 1)))
 
 
 # ------------------------------------------------------------------------ polyline attention
@@ -191,10 +180,7 @@ def axial_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention within each row (axis 2) or column (axis 1) of every image, scores plus the segment
     sums of log_decay along the line. (out [B, H, W, heads, dv], lse [B, H, W, heads] fp32)."""
-    B, H, W, heads, _ = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((B, H, W, heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, W, heads), dtype=torch.float32, device=q.device)
+    out, lse = core.new_outputs(q, v)
     if out.numel() == 0:
         return out, lse
     _axial_fwd_into(q, k, v, log_decay, axis, scale, out, lse)
@@ -244,11 +230,8 @@ def axial_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 
 def _axial_bwd_one(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_grad):
-    B, H, W, heads, dqk = q.shape
-    dvd = v.shape[-1]
-    dq = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H, W, heads, dvd), dtype=q.dtype, device=q.device)
+    B, H, W, heads, _ = q.shape
+    dq, dk, dv = core.new_input_grads(q, k, v)
     if dq.numel() == 0 or dv.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         dd = torch.zeros(log_decay.shape, dtype=log_decay.dtype, device=q.device) if decay_grad else _empty(q)
@@ -294,9 +277,7 @@ def gaussian_mask_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 mix_sigma: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax((q k^T scale) * G_h) v. (out [B, H, W, heads, dv], lse [B, H, W, heads] fp32)."""
     B, H, W, heads, _ = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((B, H, W, heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, W, heads), dtype=torch.float32, device=q.device)
+    out, lse = core.new_outputs(q, v)
     if out.numel() == 0:
         return out, lse
     G = _mixture(H, W, mix_weight, mix_sigma)[0]
@@ -316,11 +297,8 @@ def gaussian_mask_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torc
     shares an entry); then d/dw = sum dG e and d/dsigma = sum dG w e d^2 sigma / s^2,
     e = exp(-d^2 / (2 s)), s = sigma^2 + 1e-5.
     """
-    B, H, W, heads, dqk = q.shape
-    dvd = v.shape[-1]
-    dq = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H, W, heads, dvd), dtype=q.dtype, device=q.device)
+    B, H, W, heads, _ = q.shape
+    dq, dk, dv = core.new_input_grads(q, k, v)
     if dq.numel() == 0 or dv.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         if not mix_grad:
@@ -329,7 +307,7 @@ def gaussian_mask_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torc
     G, e, d2, s = _mixture(H, W, mix_weight, mix_sigma)
     buf, replicas = None, 1
     if mix_grad:
-        replicas = _replicas(B, heads * H * W * 4, q.device)
+        replicas = core.gradient_replicas(B, heads * H * W * 4, q.device)
         buf = torch.zeros((replicas, heads, H, W), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     strides = dict(q=_image_strides(q), k=_image_strides(k), v=_image_strides(v), g=_image_strides(grad_out),
@@ -359,9 +337,8 @@ def reduced_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Dense attention of q [B, Nq, heads, dqk] against k [B, Nk, heads, dqk], v [B, Nk, heads, dv].
     (out [B, Nq, heads, dv], lse [B, Nq, heads] fp32)."""
     B, Nq, heads, _ = q.shape
-    Nk, dv = k.shape[1], v.shape[-1]
-    out = torch.empty((B, Nq, heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Nq, heads), dtype=torch.float32, device=q.device)
+    Nk = k.shape[1]
+    out, lse = core.new_outputs(q, v)
     if out.numel() == 0:
         return out, lse
     t = _token_strides
@@ -375,11 +352,9 @@ def reduced_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                           out: torch.Tensor, lse: torch.Tensor,
                           scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, q's dtype."""
-    B, Nq, heads, dqk = q.shape
-    Nk, dvd = k.shape[1], v.shape[-1]
-    dq = torch.empty((B, Nq, heads, dqk), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Nk, heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, Nk, heads, dvd), dtype=q.dtype, device=q.device)
+    B, Nq, heads, _ = q.shape
+    Nk = k.shape[1]
+    dq, dk, dv = core.new_input_grads(q, k, v)
     if dq.numel() == 0 or dk.numel() == 0 or dv.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()

@@ -28,11 +28,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 
+from ..reference.window_attention import relative_position_index
 from . import attention_core as core
-
-_MAX_DBIAS_REPLICAS = 16
-_DBIAS_BUFFER_BYTES = 64 << 20
-
 
 def _strides5(t: torch.Tensor) -> Tuple[int, ...]:
     """(s0, s1, s2, s_head, s_dim) of an image-layout [B, H, W, heads, d] tensor."""
@@ -83,9 +80,7 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     natural log-sum-exp of each query's scores, for the backward).
     """
     B, H, W, heads, _ = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((B, H, W, heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, W, heads), dtype=torch.float32, device=q.device)
+    out, lse = core.new_outputs(q, v)
     if out.numel() == 0:
         return out, lse
     geo = _Geometry(H, W, window_size, shift_size)
@@ -93,24 +88,6 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     core.attention_forward(core.WINDOW, q, k, v, out, lse, strides, B * geo.nw, heads, geo.N, scale,
                            _window_modifier(geo, rel_pos_bias))
     return out, lse
-
-
-def _relative_position_index(wh: int, ww: int, device: torch.device) -> torch.Tensor:
-    """timm's [N*N] index of (query i, key j) into the bias table, row-major tokens.
-
-    Rebuilt per call rather than cached: it is N^2 integers, and a cache would capture fake tensors
-    when torch.compile traces the launcher.
-    """
-    r = torch.arange(wh, device=device).repeat_interleave(ww)
-    c = torch.arange(ww, device=device).repeat(wh)
-    return ((r[:, None] - r[None, :] + wh - 1) * (2 * ww - 1) + (c[:, None] - c[None, :] + ww - 1)).reshape(-1)
-
-
-def _dbias_replicas(groups: int, heads: int, N: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    per_copy = heads * N * N * 4
-    return max(1, min(_MAX_DBIAS_REPLICAS, groups, _DBIAS_BUFFER_BYTES // max(per_copy, 1)))
 
 
 def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -127,11 +104,8 @@ def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     index_add folds it onto the table by relative position. Being atomic, its fp32 rounding order
     varies from run to run on a GPU (dq, dk, dv do not).
     """
-    B, H, W, heads, dqk = q.shape
-    dvd = v.shape[-1]
-    dq = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, W, heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H, W, heads, dvd), dtype=q.dtype, device=q.device)
+    B, H, W, heads, _ = q.shape
+    dq, dk, dv = core.new_input_grads(q, k, v)
     want_dbias = bool(bias_grad) and rel_pos_bias is not None
     empty = torch.empty(0, dtype=q.dtype if rel_pos_bias is None else rel_pos_bias.dtype, device=q.device)
     geo = _Geometry(H, W, window_size, shift_size)
@@ -141,7 +115,7 @@ def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
         return dq, dk, dv, (torch.zeros_like(rel_pos_bias) if want_dbias else empty)
     buf, replicas = None, 1
     if want_dbias:
-        replicas = _replicas or _dbias_replicas(groups, heads, geo.N, q.device)
+        replicas = _replicas or core.gradient_replicas(groups, heads * geo.N * geo.N * 4, q.device)
         buf = torch.zeros((replicas, heads, geo.N, geo.N), dtype=torch.float32, device=q.device)
     lse = lse.contiguous()
     strides = dict(q=_strides5(q), k=_strides5(k), v=_strides5(v), g=_strides5(grad_out), o=_strides5(out),
@@ -151,7 +125,7 @@ def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not want_dbias:
         return dq, dk, dv, empty
     per_pair = buf.sum(0) if replicas > 1 else buf[0]                          # [heads, N, N]
-    idx = _relative_position_index(geo.wh, geo.ww, q.device)
+    idx = relative_position_index(geo.wh, geo.ww, q.device).reshape(-1)
     table = torch.zeros((rel_pos_bias.shape[0], heads), dtype=torch.float32, device=q.device)
     table.index_add_(0, idx, per_pair.permute(1, 2, 0).reshape(-1, heads))
     return dq, dk, dv, table.to(rel_pos_bias.dtype)
@@ -165,10 +139,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     [total, heads] (float32). max_seqlen must bound every segment length (rows past it would be
     left unwritten); rows outside [cu_seqlens[0], cu_seqlens[-1]) are left unwritten.
     """
-    total, heads, _ = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((total, heads), dtype=torch.float32, device=q.device)
+    heads = q.shape[1]
+    out, lse = core.new_outputs(q, v)
     segments = cu_seqlens.shape[0] - 1
     if out.numel() == 0 or segments <= 0 or max_seqlen <= 0:
         return out, lse
@@ -185,11 +157,8 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous [total, heads, d] in q's dtype. Rows outside every segment get zero
     gradients (they take no part in the attention)."""
-    total, heads, dqk = q.shape
-    dvd = v.shape[-1]
-    dq = torch.zeros((total, heads, dqk), dtype=q.dtype, device=q.device)
-    dk = torch.zeros((total, heads, dqk), dtype=q.dtype, device=q.device)
-    dv = torch.zeros((total, heads, dvd), dtype=q.dtype, device=q.device)
+    heads = q.shape[1]
+    dq, dk, dv = core.new_input_grads(q, k, v, zeros=True)
     segments = cu_seqlens.shape[0] - 1
     if dq.numel() == 0 or dv.numel() == 0 or segments <= 0 or max_seqlen <= 0:
         return dq, dk, dv
