@@ -63,8 +63,9 @@ def codebook_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
 def codebook_lookup_backward(grad_output: torch.Tensor, indices: torch.Tensor, codebook_shape) -> torch.Tensor:
     grad = grad_output.new_zeros(codebook_shape)
     D = codebook_shape[-1]
+    rows = grad_output.reshape(indices.numel(), D)
     if len(codebook_shape) == 2:
-        return grad.index_add_(0, indices.reshape(-1).long(), grad_output.reshape(-1, D))
+        return grad.index_add_(0, indices.reshape(-1).long(), rows)
     G, K = codebook_shape[0], codebook_shape[1]
     flat = (indices.long() + torch.arange(G, device=indices.device) * K).reshape(-1)
-    return grad.view(G * K, D).index_add_(0, flat, grad_output.reshape(-1, D)).view(codebook_shape)
+    return grad.view(G * K, D).index_add_(0, flat, rows).view(codebook_shape)

@@ -132,6 +132,15 @@ def window_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
 
 
 # ------------------------------------------------------------------------ varlen attention
+def _segments(cu_seqlens: torch.Tensor, max_seqlen: int) -> Tuple[torch.Tensor, int]:
+    """The offsets as the kernels index them (contiguous int32: a strided view would be read as if it
+    were dense) and the longest real segment, which sizes the grid: max_seqlen is only a bound, and a
+    legal 2**31 - 1 would launch billions of empty programs."""
+    seq = cu_seqlens.to(torch.int32).contiguous()
+    longest = int((seq[1:] - seq[:-1]).max()) if seq.numel() > 1 else 0
+    return seq, min(int(max_seqlen), longest)
+
+
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                          max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-diagonal attention within segments [cu_seqlens[s], cu_seqlens[s+1]) of packed
@@ -144,10 +153,12 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     segments = cu_seqlens.shape[0] - 1
     if out.numel() == 0 or segments <= 0 or max_seqlen <= 0:
         return out, lse
-    seq = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    seq, longest = _segments(cu_seqlens, max_seqlen)
+    if longest <= 0:
+        return out, lse
     p = _strides5_packed
     strides = dict(q=p(q), k=p(k), v=p(v), o=p(out), l=_lse_strides(lse))
-    core.attention_forward(core.VARLEN, q, k, v, out, lse, strides, segments, heads, int(max_seqlen), scale,
+    core.attention_forward(core.VARLEN, q, k, v, out, lse, strides, segments, heads, longest, scale,
                            dict(SEQ=seq))
     return out, lse
 
@@ -162,11 +173,13 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     segments = cu_seqlens.shape[0] - 1
     if dq.numel() == 0 or dv.numel() == 0 or segments <= 0 or max_seqlen <= 0:
         return dq, dk, dv
-    seq = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    seq, longest = _segments(cu_seqlens, max_seqlen)
+    if longest <= 0:
+        return dq, dk, dv
     lse = lse.contiguous()
     p = _strides5_packed
     strides = dict(q=p(q), k=p(k), v=p(v), g=p(grad_out), o=p(out), l=_lse_strides(lse),
                    dq=p(dq), dk=p(dk), dv=p(dv))
     core.attention_backward(core.VARLEN, grad_out, q, k, v, out, lse, dq, dk, dv, strides, segments, heads,
-                            int(max_seqlen), scale, dict(SEQ=seq))
+                            longest, scale, dict(SEQ=seq))
     return dq, dk, dv
