@@ -7,7 +7,16 @@ JOBS ?= 2
 BUILD_STAMP := build/.vitk-installed
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: deps install test pytest ctest nvcc-check bench clean
+SAN_DIR := build/sanitize
+SANITIZERS ?= address,undefined
+# The sanitizer runtimes go first: the interpreter itself is not instrumented, and libasan alone aborts
+# in its __cxa_throw interceptor unless libstdc++ is preloaded beside it.
+SAN_PRELOAD = $$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so) $$($(CXX) -print-file-name=libstdc++.so)
+SAN_ENV = LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib TRITON_INTERPRET=1 \
+	VITK_FUZZ_BACKENDS=cpu
+
+.PHONY: deps install test pytest ctest nvcc-check sanitize bench clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -33,6 +42,18 @@ nvcc-check:
 	bash tools/nvcc_check.sh
 
 test: pytest ctest nvcc-check
+
+# An AddressSanitizer + UndefinedBehaviorSanitizer copy of the CPU library in build/sanitize (the
+# installed one is untouched), then the tests that exercise the C++ kernels, and the fuzz test, on it.
+sanitize: deps
+	VITK_SANITIZE=$(SANITIZERS) VITK_NO_CUDA=1 VITK_BUILD_INFO_DIR=$(SAN_DIR)/lib/vitkernels MAX_JOBS=$(JOBS) \
+		$(PYTHON) setup.py -q build_ext --build-lib $(SAN_DIR)/lib --build-temp $(SAN_DIR)/tmp
+	$(PYTHON) -c "import shutil; shutil.copytree('vitkernels', '$(SAN_DIR)/lib/vitkernels', dirs_exist_ok=True, \
+		ignore=shutil.ignore_patterns('_C*.so', '_build_info.py', '__pycache__'))"
+	# From inside build/sanitize, so that the source tree's vitkernels (cwd) cannot shadow the copy.
+	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -c "import vitkernels; assert '/$(SAN_DIR)/' in vitkernels.__file__, vitkernels.__file__"
+	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -k "not triton" \
+		--ignore=$(CURDIR)/tests/export --ignore=$(CURDIR)/tests/test_memory.py --ignore=$(CURDIR)/tests/test_threads.py
 
 bench: install
 	@$(PYTHON) -c "import faiss, matplotlib, pytest_benchmark" 2>/dev/null || $(PIP) install "faiss-cpu>=1.8" "matplotlib>=3.7" "pytest-benchmark>=4"

@@ -5,6 +5,9 @@ Environment:
                   runs on any x86-64 from the last decade), or any value gcc's -march accepts.
   VITK_CUDA_ARCH  e.g. "9.0" or "8.0;9.0"; default: the visible GPU's compute capability.
   VITK_NO_CUDA=1  skip the CUDA sources even when they could be built.
+  VITK_SANITIZE   e.g. "address,undefined": build the CPU library with those sanitizers (-O1 -g, asserts on, frame
+                  pointers); `make sanitize` builds such a copy into build/sanitize, beside the real one.
+  VITK_BUILD_INFO_DIR  where to write _build_info.py (default: the vitkernels package).
 """
 import glob
 import os
@@ -67,7 +70,10 @@ def main():
     isa = _isa_of(march)
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", *march, "-DVITK_CPU_ARCH=\"" + arch + "\""]
+    sanitize = os.environ.get("VITK_SANITIZE", "").strip()
+    opt = ["-O1", "-g", "-UNDEBUG", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"] \
+        if sanitize else ["-O3"]
+    cxx_flags = [*opt, "-fopenmp", *march, "-DVITK_CPU_ARCH=\"" + arch + "\""]
     sources = sorted(
         glob.glob(os.path.join("csrc", "*.cpp"))
         + glob.glob(os.path.join("csrc", "cpu", "**", "*.cpp"), recursive=True)
@@ -90,7 +96,7 @@ def main():
         name="vitkernels._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + ([f"-fsanitize={sanitize}"] if sanitize else []),
     )
     if why_no_cuda is None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
@@ -113,11 +119,14 @@ def main():
         "cuda_archs": archs,
         "why_no_cuda": why_no_cuda,
     }
-    with open(os.path.join(ROOT, "vitkernels", "_build_info.py"), "w") as f:
+    info_dir = os.environ.get("VITK_BUILD_INFO_DIR") or os.path.join(ROOT, "vitkernels")
+    os.makedirs(info_dir, exist_ok=True)
+    with open(os.path.join(info_dir, "_build_info.py"), "w") as f:
         f.write("# Written by setup.py at build time; checked at import.\n")
         f.write(f"BUILD_INFO = {info!r}\n")
 
-    summary = [f"[vitkernels] CPU library: -march={arch} (ISA: {', '.join(isa) or 'baseline'}), OpenMP, -O3"]
+    summary = [f"[vitkernels] CPU library: -march={arch} (ISA: {', '.join(isa) or 'baseline'}), OpenMP, "
+               + (f"-O1 -fsanitize={sanitize}" if sanitize else "-O3")]
     if why_no_cuda is None:
         summary.append(f"[vitkernels] CUDA library: sm {', '.join(archs)} with {nvcc}")
     else:
