@@ -143,13 +143,49 @@ def test_lookup_matches_reference(backend, device, dtype, run_on):
             assert torch.equal(out, ref.codebook_lookup(idx, cb))
 
 
+BAD_INDICES = {torch.int64: [30, -1, 2**40, -2**40, 2**63 - 1], torch.int32: [30, -1, 2**31 - 1, -2**31]}
+
+
+def _bad_index_cases():
+    for index_dtype, values in BAD_INDICES.items():
+        for bad in values:
+            for where in (0, 4, -1):
+                yield pytest.param(index_dtype, bad, where, id=f"{str(index_dtype)[6:]}-{bad}-at{where}")
+
+
 @pytest.mark.parametrize("backend,device", LOOKUP)
-def test_lookup_bad_indices(backend, device, run_on):
-    cb = torch.randn(10, 4, device=device)
-    for bad in (10, -1):
-        idx = torch.tensor([0, bad, 3], device=device)
-        with pytest.raises((IndexError, RuntimeError), match="indices"):
-            run_on(backend, torch.ops.vitk.codebook_lookup, idx, cb)
+@pytest.mark.parametrize("index_dtype,bad,where", list(_bad_index_cases()))
+@pytest.mark.parametrize("grouped", [False, True], ids=["flat", "grouped"])
+def test_lookup_out_of_range_indices(backend, device, index_dtype, bad, where, grouped, run_on):
+    # K = 30: one index past the end, negative, or far out of any range, anywhere in the tensor.
+    cb = torch.randn(*((2,) if grouped else ()), 30, 4, device=device)
+    idx = torch.randint(0, 30, (6, 2) if grouped else (6,), device=device).to(index_dtype)
+    idx.view(-1)[where] = bad
+    with pytest.raises(IndexError, match="^indices:"):
+        run_on(backend, torch.ops.vitk.codebook_lookup, idx, cb)
+
+
+@pytest.mark.parametrize("backend,device", LOOKUP_BWD)
+@pytest.mark.parametrize("index_dtype,bad,where", list(_bad_index_cases()))
+@pytest.mark.parametrize("grouped", [False, True], ids=["flat", "grouped"])
+def test_lookup_backward_out_of_range_indices(backend, device, index_dtype, bad, where, grouped, run_on):
+    # The backward used to drop such rows silently on one backend; every backend must refuse them.
+    shape = [2, 30, 4] if grouped else [30, 4]
+    idx = torch.randint(0, 30, (6, 2) if grouped else (6,), device=device).to(index_dtype)
+    idx.view(-1)[where] = bad
+    grad = torch.randn(*idx.shape, 4, device=device)
+    with pytest.raises(IndexError, match="^indices:"):
+        run_on(backend, torch.ops.vitk.codebook_lookup_backward, grad, idx, shape)
+
+
+@pytest.mark.parametrize("backend,device", LOOKUP_BWD)
+@pytest.mark.parametrize("grad_dtype", [torch.int32, torch.int64, torch.int8, torch.bool, torch.complex64], ids=str)
+def test_lookup_backward_non_float_grad(backend, device, grad_dtype, run_on):
+    # The argument is named, on every backend; not a list of backends that could not run it.
+    idx = torch.randint(0, 30, (6,), device=device)
+    grad = torch.ones(6, 4, device=device).to(grad_dtype)
+    with pytest.raises(ValueError, match="^grad_output:"):
+        run_on(backend, torch.ops.vitk.codebook_lookup_backward, grad, idx, [30, 4])
 
 
 @pytest.mark.parametrize("backend,device", LOOKUP_BWD)
