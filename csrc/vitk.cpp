@@ -7,7 +7,8 @@
 
 TORCH_LIBRARY(vitk, m) {
   // ---- codebook family (VQ tokenizers) ----
-  m.def("codebook_argmin(Tensor z, Tensor codebook, *, bool cosine=False) -> (Tensor indices, Tensor distances)",
+  m.def("codebook_argmin(Tensor z, Tensor codebook, *, bool cosine=False, bool exact=False) "
+        "-> (Tensor indices, Tensor distances)",
         {at::Tag::pt2_compliant_tag});
   m.def("codebook_lookup(Tensor indices, Tensor codebook) -> Tensor", {at::Tag::pt2_compliant_tag});
   // The backward of codebook_lookup: an index-add of grad_output into a zero codebook-shaped tensor.

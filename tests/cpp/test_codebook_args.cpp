@@ -73,38 +73,38 @@ bool names(const std::string& msg, const std::string& name) {
 // ---- bad arguments ----------------------------------------------------------------------------
 
 TEST(argmin_rejects_feature_dim_mismatch) {
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7, 4}, 2), false), "z", "codebook");
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7, 4}, 2), true), "z", "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7, 4}, 2), false, false), "z", "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7, 4}, 2), true, false), "z", "codebook");
 }
 
-TEST(argmin_rejects_1d_codebook) { REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7}, 2), false), "codebook"); }
+TEST(argmin_rejects_1d_codebook) { REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), randn({7}, 2), false, false), "codebook"); }
 
 TEST(argmin_rejects_4d_codebook) {
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), randn({1, 2, 7, 3}, 2), false), "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), randn({1, 2, 7, 3}, 2), false, false), "codebook");
 }
 
 TEST(argmin_rejects_empty_codebook) {
   // K == 0 has no nearest code; returning index 0 would hand the lookup an out-of-range row.
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), empty({0, 3}), false), "codebook");
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), empty({2, 0, 3}), false), "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), empty({0, 3}), false, false), "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), empty({2, 0, 3}), false, false), "codebook");
 }
 
 TEST(argmin_rejects_integer_z) {
-  REQUIRE_BLAMES(codebook_argmin(empty({5, 3}, at::kInt), randn({7, 3}, 2), false), "z");
+  REQUIRE_BLAMES(codebook_argmin(empty({5, 3}, at::kInt), randn({7, 3}, 2), false, false), "z");
 }
 
 TEST(argmin_rejects_mixed_dtypes) {
-  REQUIRE_BLAMES(codebook_argmin(empty({5, 3}, at::kHalf), randn({7, 3}, 2), false), "z", "codebook");
+  REQUIRE_BLAMES(codebook_argmin(empty({5, 3}, at::kHalf), randn({7, 3}, 2), false, false), "z", "codebook");
 }
 
 TEST(argmin_rejects_group_mismatch) {
   // z [N, G=2, D] against a codebook of G=4 groups.
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), randn({4, 7, 3}, 2), false), "z", "codebook");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 2, 3}, 1), randn({4, 7, 3}, 2), false, false), "z", "codebook");
 }
 
 TEST(argmin_rejects_undefined) {
-  REQUIRE_BLAMES(codebook_argmin(at::Tensor(), randn({7, 3}, 2), false), "z");
-  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), at::Tensor(), false), "codebook");
+  REQUIRE_BLAMES(codebook_argmin(at::Tensor(), randn({7, 3}, 2), false, false), "z");
+  REQUIRE_BLAMES(codebook_argmin(randn({5, 3}, 1), at::Tensor(), false, false), "codebook");
 }
 
 TEST(lookup_rejects_out_of_range_indices) {
@@ -210,14 +210,15 @@ void check_against_brute(const at::Tensor& z, const at::Tensor& cb, int64_t N, i
 TEST(argmin_matches_brute_force) {
   const int64_t N = 5, K = 7, D = 3;
   at::Tensor z = randn({N, D}, 11), cb = randn({K, D}, 12);
-  for (bool cosine : {false, true}) {
-    auto got = codebook_argmin(z, cb, cosine);
-    REQUIRE_EQ(shape_of(std::get<0>(got)), std::string("[5]"));
-    REQUIRE_EQ(shape_of(std::get<1>(got)), std::string("[5]"));
-    check_against_brute(z, cb, N, 1, K, D, cosine, got);
-  }
+  for (bool cosine : {false, true})
+    for (bool exact : {false, true}) {
+      auto got = codebook_argmin(z, cb, cosine, exact);
+      REQUIRE_EQ(shape_of(std::get<0>(got)), std::string("[5]"));
+      REQUIRE_EQ(shape_of(std::get<1>(got)), std::string("[5]"));
+      check_against_brute(z, cb, N, 1, K, D, cosine, got);
+    }
   // Leading batch dims are kept: z [..., D] -> indices [...].
-  auto got = codebook_argmin(z.view({1, N, D}), cb, false);
+  auto got = codebook_argmin(z.view({1, N, D}), cb, false, false);
   REQUIRE_EQ(shape_of(std::get<0>(got)), std::string("[1, 5]"));
   check_against_brute(z, cb, N, 1, K, D, false, got);
 }
@@ -225,9 +226,28 @@ TEST(argmin_matches_brute_force) {
 TEST(argmin_grouped_matches_brute_force) {
   const int64_t N = 5, G = 2, K = 7, D = 3;
   at::Tensor z = randn({N, G, D}, 21), cb = randn({G, K, D}, 22);
-  auto got = codebook_argmin(z, cb, false);
-  REQUIRE_EQ(shape_of(std::get<0>(got)), std::string("[5, 2]"));
-  check_against_brute(z, cb, N, G, K, D, false, got);
+  for (bool exact : {false, true}) {
+    auto got = codebook_argmin(z, cb, false, exact);
+    REQUIRE_EQ(shape_of(std::get<0>(got)), std::string("[5, 2]"));
+    check_against_brute(z, cb, N, G, K, D, false, got);
+  }
+}
+
+// Zero-sized problems return empty outputs without planning a search (the plan divides by N and
+// G), K = 1 and D = 1 search normally, and an empty code dimension is refused like the Python check.
+TEST(argmin_degenerate_sizes) {
+  for (bool cosine : {false, true})
+    for (bool exact : {false, true}) {
+      auto g0 = codebook_argmin(randn({5, 0, 4}, 1), empty({0, 10, 4}), cosine, exact);
+      REQUIRE_EQ(shape_of(std::get<0>(g0)), std::string("[5, 0]"));
+      auto n0 = codebook_argmin(empty({0, 2, 4}), randn({2, 10, 4}, 2), cosine, exact);
+      REQUIRE_EQ(shape_of(std::get<1>(n0)), std::string("[0, 2]"));
+      auto k1 = codebook_argmin(randn({9, 1}, 3), randn({1, 1}, 4), cosine, exact);
+      for (int64_t i = 0; i < 9; ++i) REQUIRE_EQ(std::get<0>(k1).data_ptr<int64_t>()[i], int64_t{0});
+      check_against_brute(randn({33, 1}, 5), randn({40, 1}, 6), 33, 1, 40, 1, cosine,
+                          codebook_argmin(randn({33, 1}, 5), randn({40, 1}, 6), cosine, exact));
+      REQUIRE_BLAMES(codebook_argmin(empty({4, 0}), empty({9, 0}), cosine, exact), "codebook");
+    }
 }
 
 TEST(argmin_ties_go_to_the_lowest_index) {
@@ -236,8 +256,10 @@ TEST(argmin_ties_go_to_the_lowest_index) {
   std::memcpy(c + 5 * 3, c + 2 * 3, 3 * sizeof(float));  // rows 2 and 5 identical
   at::Tensor z = empty({1, 3});
   std::memcpy(z.data_ptr<float>(), c + 2 * 3, 3 * sizeof(float));
-  auto got = codebook_argmin(z, cb, false);
-  REQUIRE_EQ(std::get<0>(got).contiguous().data_ptr<int64_t>()[0], int64_t{2});
+  for (bool exact : {false, true}) {
+    auto got = codebook_argmin(z, cb, false, exact);
+    REQUIRE_EQ(std::get<0>(got).contiguous().data_ptr<int64_t>()[0], int64_t{2});
+  }
 }
 
 TEST(lookup_and_backward_match_brute_force) {

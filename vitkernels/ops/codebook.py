@@ -1,6 +1,6 @@
 """The codebook family (VQ tokenizers): nearest-code search and code lookup.
 
-torch.ops.vitk.codebook_argmin(z, codebook, *, cosine=False) -> (indices, distances)
+torch.ops.vitk.codebook_argmin(z, codebook, *, cosine=False, exact=False) -> (indices, distances)
 torch.ops.vitk.codebook_lookup(indices, codebook) -> Tensor            (differentiable in codebook)
 torch.ops.vitk.codebook_lookup_backward(grad_output, indices, codebook_shape) -> Tensor
 
@@ -30,7 +30,7 @@ def _codebook(name, codebook, ref_name, ref):
 
 
 # ---------------------------------------------------------------- codebook_argmin
-def _check_argmin(z, codebook, cosine):
+def _check_argmin(z, codebook, cosine, exact):
     check.tensor("z", z, dtypes=FLOAT_DTYPES)
     _codebook("codebook", codebook, "z", z)
     check.same_dtype("codebook", codebook, "z", z)
@@ -45,13 +45,13 @@ def _check_argmin(z, codebook, cosine):
                          f"{tuple(codebook.shape)}, got {tuple(z.shape)}")
 
 
-def _argmin_fake(z, codebook, cosine):
+def _argmin_fake(z, codebook, cosine, exact):
     shape = z.shape[:-1]
     return z.new_empty(shape, dtype=torch.int64), z.new_empty(shape, dtype=torch.float32)
 
 
 define("codebook_argmin", check=_check_argmin, fake=_argmin_fake, backends=[
-    cpp("cpu", limits=[Limit("codes", MAX_CPU_CODES, lambda z, codebook, cosine: codebook.shape[-2])]),
+    cpp("cpu", limits=[Limit("codes", MAX_CPU_CODES, lambda z, codebook, cosine, exact: codebook.shape[-2])]),
     triton("codebook"),
 ])
 
@@ -131,9 +131,44 @@ define("codebook_lookup_backward", check=_check_lookup_backward, fake=_lookup_ba
 
 
 # ---------------------------------------------------------------- Python API
-def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, *, cosine: bool = False):
-    """Nearest code per vector without an N x K matrix. See torch.ops.vitk.codebook_argmin."""
-    return torch.ops.vitk.codebook_argmin(z, codebook, cosine=cosine)
+def codebook_argmin(z: torch.Tensor, codebook: torch.Tensor, *, cosine: bool = False, exact: bool = False):
+    """The nearest code of every vector, without an N x K matrix: (indices int64, distances float32),
+    each of shape z.shape[:-1].
+
+    z [..., D] with codebook [K, D], or z [..., G, D] with codebook [G, K, D] (group g is searched in
+    sub-codebook g only). The distance is ||z - e||^2, or with cosine=True 2 - 2 cos of the vectors
+    normalized as F.normalize does, x / max(||x||, 1e-12). Ties go to the lowest index. distances
+    holds the returned code's distance evaluated directly in float64, rounded to float32 (never the
+    cancellation-prone expansion).
+
+    exact=False ranks the codes by the fp32 expansion ||e||^2 - 2 z.e (cosine: -z.e of the normalized
+    vectors), as the VQ papers' code does. Its rounding error is about D * 2^-24 * (||z||^2 + ||e||^2),
+    so of two codes whose distances to z differ by less, the farther may be returned: with codes far
+    from the origin (around +100, say) that is no longer rare. A row of z is ranked by its direction
+    alone in cosine mode, and both norms are computed overflow- and underflow-safe, so rows and codes
+    of any finite magnitude (subnormal to 1e38) keep their precision.
+
+    exact=True returns the code whose distance evaluated in float64 is lowest, ties in that value to the
+    lowest index, and that value (rounded to float32) as the distance. The evaluation: (z_d - e_d)^2 summed
+    over d in order with fused multiply-adds; cosine ranks by -z.e / max(||e||, 1e-12), dot products and
+    the norm's sum of squares summed the same way. For L2 this value is within (D + 2) * 2^-53 (relative)
+    of the true squared distance, and equal to it (so the returned code is the true nearest, true ties to
+    the lowest index) when every coordinate of z and of the codes is a multiple of one power of two 2^-k
+    and every |z_d - e_d| is below 2^(26.5 - k) / sqrt(D) (e.g. fp32 values all in [64, 128), multiples
+    of 2^-17, at any D <= 128; integer-valued data of |x| < 2^25 / sqrt(D)). Cosine codes that are
+    positive power-of-two multiples of each other tie exactly. How: the same fp32 scan on data centred on
+    the group's mean code (cosine: on the normalized vectors), keeping each row's two best scores; a
+    rigorous bound on the scan's rounding error says whether the best is certainly the nearest, and
+    where it is not (a tie or a near-tie), every code within the bound is compared in float64. Where a
+    row's or a code's centred squared norm exceeds 2^100 (|x - mean| beyond about 1e15), the row is
+    compared with every code in float64: slow, but still exact. Cost: see the README.
+
+    Non-finite values: a row of z holding a NaN or an infinity gets index 0 (no code is nearer to it than
+    another) and its distance to code 0 (NaN, or inf); a code holding one is never returned unless every
+    code of its group holds one, and then the index is 0. (torch.argmin would let one NaN code capture
+    every row of the batch.)
+    """
+    return torch.ops.vitk.codebook_argmin(z, codebook, cosine=cosine, exact=exact)
 
 
 def codebook_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
