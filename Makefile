@@ -16,7 +16,7 @@ SAN_ENV = LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib TRITON_INTERPRET=1 \
 	VITK_FUZZ_BACKENDS=cpu
 
-.PHONY: deps install test pytest ctest nvcc-check sanitize bench clean
+.PHONY: deps install test pytest ctest nvcc-check sanitize portable bench clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -31,7 +31,7 @@ $(BUILD_STAMP): $(SOURCES) | deps
 install: deps $(BUILD_STAMP)
 
 pytest: install
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider --durations=15
 
 ctest: install
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$(command -v $(PYTHON))
@@ -55,8 +55,27 @@ sanitize: deps
 	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -k "not triton" \
 		--ignore=$(CURDIR)/tests/export --ignore=$(CURDIR)/tests/test_memory.py --ignore=$(CURDIR)/tests/test_threads.py
 
+# The portable CPU library (VITK_CPU_ARCH=portable: x86-64-v2, none of the AVX-512 / VNNI paths) in
+# build/portable (the installed one is untouched), then the lowbit tests, whose kernels have a plain-loop
+# fallback for CPUs without VNNI, on it.
+PORT_DIR := build/portable
+portable: deps
+	VITK_CPU_ARCH=portable VITK_NO_CUDA=1 VITK_BUILD_INFO_DIR=$(PORT_DIR)/lib/vitkernels MAX_JOBS=$(JOBS) \
+		$(PYTHON) setup.py -q build_ext --build-lib $(PORT_DIR)/lib --build-temp $(PORT_DIR)/tmp
+	$(PYTHON) -c "import shutil; shutil.copytree('vitkernels', '$(PORT_DIR)/lib/vitkernels', dirs_exist_ok=True, \
+		ignore=shutil.ignore_patterns('_C*.so', '_build_info.py', '__pycache__'))"
+	# From inside build/portable, so that the source tree's vitkernels (cwd) cannot shadow the copy.
+	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -c \
+		"import vitkernels; assert '/$(PORT_DIR)/' in vitkernels.__file__, vitkernels.__file__; \
+		assert vitkernels.BUILD_INFO['cpu_arch'] == 'x86-64-v2', vitkernels.BUILD_INFO"
+	# The kernels with ISA-specific paths (VNNI, AVX-512 exp and row operations), on their portable code.
+	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -m pytest $(CURDIR)/tests/lowbit \
+		$(CURDIR)/tests/quant_attention $(CURDIR)/tests/window_attention/test_window_attention_nonfinite.py \
+		$(CURDIR)/tests/masked_attention/test_masked_attention_nonfinite.py -q -p no:cacheprovider -k "not triton"
+
 bench: install
-	@$(PYTHON) -c "import faiss, matplotlib, pytest_benchmark" 2>/dev/null || $(PIP) install "faiss-cpu>=1.8" "matplotlib>=3.7" "pytest-benchmark>=4"
+	@$(PYTHON) -c "import faiss, matplotlib, pytest_benchmark, pywt, importlib.util as u; assert u.find_spec('pytorch_wavelets')" 2>/dev/null || \
+		$(PIP) install "faiss-cpu>=1.8" "matplotlib>=3.7" "pytest-benchmark>=4" "pytorch-wavelets==1.3.0" "PyWavelets>=1.4"
 	$(PYTHON) bench/run.py
 
 clean:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import Case, Family, Peer
+from harness.checks import rel_error
 
 CHECK_TOL = 1e-4        # max |error| / max |fp64 value|, per output and per gradient
 FWD_BWD_FLOPS = 3.0
@@ -372,11 +373,8 @@ def _exact(case, x, cache):
 
 
 def _rel_error(got, want, what):
-    assert got is not None, f"{what}: no gradient"
     assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
-    assert err <= CHECK_TOL, f"{what}: max error {err:.2e} of max |value| (tolerance {CHECK_TOL:.0e})"
-    return err
+    return rel_error(got, want, what, CHECK_TOL)
 
 
 def check(case, x, contender, out, cache):

@@ -9,7 +9,8 @@ same process, on the same inputs (fixed seed, random normal), all threads:
   vitk      torch.ops.vitk.* (the op under test)
   eager     the plain-PyTorch reference in vitkernels.reference (what the models' own code does)
   compile   torch.compile(reference), compiled and warmed up before timing (compile_s in the JSON)
-  peer      a third-party library solving the same problem, when the family has one (codebook: faiss)
+  peer      a third-party library solving the same problem, when the family has one (codebook: faiss;
+            spectral: pytorch_wavelets; lowbit: fp32 and bf16 F.linear, fbgemm's dynamic int8 Linear)
 Every contender's output is checked against an fp64 ground truth before it is timed: a broken
 kernel fails its item instead of producing a number.
 

@@ -3,9 +3,14 @@
 // import, and the calling thread's forced backend (vitkernels.use_backend), which the C++ kernels
 // read on every call (vitk/registration.h). Kernels run through torch.ops.vitk.*, which releases
 // the GIL around them.
-#include <torch/extension.h>
+// Only pybind11 and the torch version: the ops register from the kernels' own translation units,
+// and torch/extension.h would make this file the slowest of the build to compile.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
 
-#include "vitk/registration.h"
+#include "vitk/backend_choice.h"
+
+namespace py = pybind11;
 
 #ifndef VITK_CPU_ARCH
 #define VITK_CPU_ARCH "unknown"

@@ -89,6 +89,14 @@ Tensor reduced_attention(const Tensor& q, const Tensor& k, const Tensor& v, std:
   return std::get<0>(fwd.call(q, k, v, default_scale(q, scale)));
 }
 
+Tensor binary_linear_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  static const auto fwd =
+      op<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool)>(
+          "vitk::binary_linear_attention_fwd");
+  // Inference keeps only the output: the codes, norms and state are not returned.
+  return std::get<0>(fwd.call(q, k, v, wants_grad({&q, &k, &v})));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vitk, CompositeImplicitAutograd, m) {
@@ -98,6 +106,7 @@ TORCH_LIBRARY_IMPL(vitk, CompositeImplicitAutograd, m) {
   m.impl("axial_decay_attention", TORCH_FN(axial_decay_attention));
   m.impl("gaussian_mask_attention", TORCH_FN(gaussian_mask_attention));
   m.impl("reduced_attention", TORCH_FN(reduced_attention));
+  m.impl("binary_linear_attention", TORCH_FN(binary_linear_attention));
 }
 
 }  // namespace vitk

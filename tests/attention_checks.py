@@ -139,3 +139,35 @@ def saves_only_when_grad_is_wanted(public, lean_fwd, args, trained):
     out = lean_fwd(*args)[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()
+
+
+def same_values(got, expect, tol, what="output"):
+    """NaN and +-inf exactly where expect has them (the non-finite semantics every backend shares),
+    the finite values within tol."""
+    got, expect = got.double(), expect.double()
+    assert got.shape == expect.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expect.shape)}"
+    assert torch.equal(got.isnan(), expect.isnan()), (
+        f"{what}: {int(got.isnan().sum())} NaN, the reference {int(expect.isnan().sum())}")
+    assert torch.equal(got.isinf(), expect.isinf()) and torch.equal(got[got.isinf()], expect[expect.isinf()]), (
+        f"{what}: infinities differ from the reference")
+    fin = torch.isfinite(expect)
+    close_to(got[fin], expect[fin], tol, what)
+
+
+def check_nonfinite(run_on, op, reference, leaves, names, backend="triton", grad_tol=1e-4):
+    """op(*leaves) on backend in fp32 against reference(*leaves in float64), output and every leaf's
+    gradient for one random output gradient, NaN for NaN (same_values)."""
+    ours = [t.detach().float().requires_grad_() for t in leaves]
+    theirs = [t.detach().double().requires_grad_() for t in ours]
+    expect = reference(*theirs)
+    grad_out = torch.randn_like(expect)
+    expect_grads = torch.autograd.grad(expect, theirs, grad_out)
+
+    def run():
+        out = op(*ours)
+        return out, torch.autograd.grad(out, ours, grad_out.float())
+
+    out, got = run_on(backend, run)
+    same_values(out, expect, TOL[torch.float32])
+    for name, g, e in zip(names, got, expect_grads):
+        same_values(g, e, grad_tol, f"d{name}")

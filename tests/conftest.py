@@ -60,6 +60,11 @@ def run_on():
     return call
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="fuzz every op with many more examples (tests/fuzz)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

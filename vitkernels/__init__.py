@@ -19,6 +19,11 @@ from .ops.codebook import codebook_argmin, codebook_lookup  # noqa: E402
 from .ops.window_attention import varlen_attention, window_attention  # noqa: E402
 from .ops.masked_attention import (axial_decay_attention, gaussian_mask_attention, manhattan_attention,  # noqa: E402
                                   polyline_attention, reduced_attention)
+from .ops.lowbit import (dynamic_int8_linear, int4_int8_linear, int4_linear, int8_linear,  # noqa: E402
+                         quantize_per_token, shift_linear)
+from .ops.quant_attention import quant_attention  # noqa: E402
+from .ops.spectral import dtcwt2d, fftconv2d, global_filter, idtcwt2d, svt_spectral_mix  # noqa: E402
+from .ops.shiftadd import binary_linear_attention, expert_combine, expert_dispatch  # noqa: E402
 from .convert import convert_  # noqa: E402
 
 
@@ -31,4 +36,7 @@ def backends(device=None) -> "_dispatch.BackendReport":
 __version__ = "0.1.0"
 __all__ = ["backends", "use_backend", "convert_", "codebook_argmin", "codebook_lookup", "window_attention",
            "varlen_attention", "polyline_attention", "manhattan_attention", "axial_decay_attention",
-           "gaussian_mask_attention", "reduced_attention", "BUILD_INFO"]
+           "gaussian_mask_attention", "reduced_attention", "quantize_per_token", "int8_linear",
+           "dynamic_int8_linear", "int4_linear", "int4_int8_linear", "shift_linear", "quant_attention", "dtcwt2d",
+           "idtcwt2d", "svt_spectral_mix", "global_filter", "fftconv2d", "binary_linear_attention", "expert_dispatch",
+           "expert_combine", "BUILD_INFO"]

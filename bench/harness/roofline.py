@@ -66,6 +66,14 @@ def measure(device: str, quick: bool = False) -> dict:
         an, bn = a.numpy(), b.numpy()
         t = _best_s(lambda: an @ bn, max(2, reps - 2))
         out.update(numpy_sgemm_gflops=flops / t / 1e9, numpy_blas=_numpy_blas())
+    if not cuda:
+        # The int8 ceiling: torch._int_mm (int8 x int8 -> int32, oneDNN's VNNI / AMX kernels) on a
+        # large square problem, for the integer GEMMs' cases (Case.int8_roof).
+        ai = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+        bi = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+        t = _best_s(lambda: torch._int_mm(ai, bi), max(2, reps - 2))
+        out.update(int8_gops=flops / t / 1e9, int8_n=n)
+        del ai, bi
     candidates = {"torch": out["torch_sgemm_gflops"], "numpy": out["numpy_sgemm_gflops"]}
     source = max((k for k, v in candidates.items() if v), key=lambda k: candidates[k])
     out.update(peak_gflops=candidates[source], peak_source=source)

@@ -90,7 +90,7 @@ def _describe(exc: BaseException) -> str:
 
 def run_one(session, benchmark, family, case, contender) -> None:
     rec = {"family": family.name, "case": case.name, "shape": case.shape, "contender": contender,
-           "flops": case.flops, "bytes": case.bytes, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "flops": case.flops, "bytes": case.bytes, "int8_roof": case.int8_roof, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     benchmark.group = f"{family.name}/{case.name}"
     try:
         with memory.guard(session.device):

@@ -32,6 +32,9 @@ class Case:
     # its leaves there), out = call(), out.backward(inputs["grad_out"]); the checked output is
     # (out, (their grads, in the inputs dict's order)). FLOPs and bytes must then count both passes.
     backward: bool = False
+    # Integer-math cases (int8 / int4 GEMMs): also report vitk's fraction of the measured int8 ceiling
+    # (torch._int_mm on a large square problem; see roofline.measure), FLOPs counting one MAC as 2 ops.
+    int8_roof: bool = False
 
     @property
     def seed(self) -> int:

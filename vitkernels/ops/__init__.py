@@ -1,2 +1,2 @@
 """Python APIs of the op families; importing a family binds its torch.ops.vitk.* kernels."""
-from . import codebook, masked_attention, window_attention  # noqa: F401
+from . import codebook, lowbit, masked_attention, quant_attention, shiftadd, spectral, window_attention  # noqa: F401

@@ -5,7 +5,8 @@ torch.ops.vitk.axial_decay_attention(q, k, v, log_alpha, log_beta, scale=None)  
 torch.ops.vitk.gaussian_mask_attention(q, k, v, mix_weight, mix_sigma, scale=None)           GMM mask
 torch.ops.vitk.reduced_attention(q, k, v, scale=None)                                        PVT / S2AFormer
 
-Semantics: vitkernels/reference/masked_attention.py. q, k, v are [B, H, W, heads, d] (reduced:
+Semantics: vitkernels/reference/masked_attention.py; CPU kernels: csrc/cpu/masked_attention/, declared
+in csrc/include/vitk/masked_attention.h. q, k, v are [B, H, W, heads, d] (reduced:
 [B, N, heads, d]), any strides; v's head dim may differ from q/k's. The masks are computed inside
 the kernels' online-softmax loop from O(N) data (prefix sums of the decays, grid positions, a
 [heads, H, W] table of the mixture); nothing N x N is ever stored, forward or backward.

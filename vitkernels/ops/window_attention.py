@@ -5,7 +5,8 @@ torch.ops.vitk.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None)
 
 Both public ops are composites (csrc/composites.cpp) over a forward op that also returns the
 log-sum-exp, which autograd saves (with q, k, v and the output) for the backward op: nothing of size
-N x N is ever stored. This module declares the forward and backward ops (ops/_define.py).
+N x N is ever stored. This module declares the forward and backward ops (ops/_define.py); their CPU
+kernels are in csrc/cpu/window_attention/, declared in csrc/include/vitk/window_attention.h.
 """
 from typing import Optional, Sequence, Union
 

@@ -1,2 +1,2 @@
 """Plain eager PyTorch references: the ground truth every backend is tested against."""
-from . import codebook, masked_attention, window_attention  # noqa: F401
+from . import codebook, lowbit, masked_attention, quant_attention, shiftadd, spectral, window_attention  # noqa: F401

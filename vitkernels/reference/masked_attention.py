@@ -35,14 +35,28 @@ def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
 def segment_sums(x: torch.Tensor) -> torch.Tensor:
     """[..., L] -> [..., L, L] with out[..., i, j] = sum of x[..., t] for t in (min(i, j), max(i, j)].
 
-    PPMA's 1-D structured mask: a cumulative sum and its pairwise differences, lower triangle
-    c[i] - c[j], upper triangle c[j] - c[i] (so x[..., 0] never enters, and the diagonal is 0).
+    PPMA's 1-D structured mask: the log-decay summed along the path between two positions, so
+    x[..., 0] never enters and the diagonal (the empty path) is exactly 0. It is built as PPMA does,
+    from pairwise differences of a cumulative sum, but of the finite values only: a non-finite
+    decay is counted instead of summed, so that a -inf ("no path") or NaN cell changes only the
+    pairs whose path crosses it. The pair's value is then the IEEE sum over its path: -inf when the
+    path holds -inf, +inf when it holds +inf, NaN when it holds NaN or both infinities.
     """
-    c = torch.cumsum(x, dim=-1)
+    finite = torch.isfinite(x)
+    c = torch.cumsum(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), dim=-1)
     diff = c[..., :, None] - c[..., None, :]
     L = x.shape[-1]
     lower = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    return torch.where(lower, diff, -diff)
+    out = torch.where(lower, diff, -diff)
+
+    def on_path(cells):  # how many of ``cells`` lie on each pair's path: exact integer differences
+        n = torch.cumsum(cells.to(torch.int32), dim=-1)
+        return (n[..., :, None] - n[..., None, :]).abs() > 0
+
+    neg, pos, nan = on_path(x == float("-inf")), on_path(x == float("inf")), on_path(x.isnan())
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    out = torch.where(neg, -inf, torch.where(pos, inf, out))
+    return torch.where(nan | (neg & pos), torch.full_like(out, float("nan")), out)
 
 
 def polyline_mask(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
@@ -80,7 +94,9 @@ def manhattan_decay(H: int, W: int, log_gamma: torch.Tensor) -> torch.Tensor:
                             indexing="ij")
     grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=-1).to(log_gamma.dtype)
     dist = (grid[:, None, :] - grid[None, :, :]).abs().sum(-1)
-    return dist[None] * log_gamma[:, None, None]
+    # dist steps of log_gamma each; the empty path (the diagonal) is 0 even for a -inf or NaN gamma.
+    return torch.where(dist[None] == 0, torch.zeros((), dtype=log_gamma.dtype, device=log_gamma.device),
+                       dist[None] * log_gamma[:, None, None])
 
 
 def manhattan_attention(q, k, v, log_gamma: torch.Tensor, scale: Optional[float] = None):

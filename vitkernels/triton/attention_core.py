@@ -22,16 +22,24 @@ Kinds today:
     VARLEN   a group is one segment [cu_seqlens[s], cu_seqlens[s+1]) of packed tokens; i2 is the
              packed row; no modifier, keys outside the segment are absent.
     POLYLINE a group is one image, tokens (b, i, j) row-major; the modifier is PPMA's polyline log
-             mask from two O(N) fp32 prefix tables TA (rows of log_alpha) and TC (columns of
-             log_beta), sgn(j1-j2)(A[i1,j1]-A[i1,j2]) + sgn(i1-i2)(C[i1,j2]-C[i2,j2]); TRANSPOSE
-             makes the path start at the key instead (logM^T, the symmetric form's second pass).
+             mask, the sum of log_alpha along row i1 between columns j1 and j2 plus that of log_beta
+             down column j2 between rows i1 and i2, each a segment sum (_segment) from O(N) prefix
+             tables TA (rows of log_alpha) and TC (columns of log_beta) and their non-finite counts
+             KA, KC; TRANSPOSE makes the path start at the key instead (logM^T, the symmetric
+             form's second pass).
     AXIAL    a group is one line (row) of one image, tokens (b, line, t); the launcher swaps the
              image axes' strides for attention along columns; the mask is the 1-D segment sum of
-             TA, the decay's prefix along the line.
+             the decay along the line (tables TA, KA).
     GAUSS    a group is one image; multiplicative: the raw score times G_h(|dy|, |dx|) from a
              [heads, H, W] table (TA); the backward turns dS into dS * G and dG += dS * raw.
     DENSE    a group is one batch element of [B, N, heads, d] tensors, NQ queries against NK keys
              (reduced attention); no modifier.
+Passes: besides the online-softmax forward (_attn_fwd) and the backward, _attn_fwd_quant is the
+two-pass forward of quantized attention (quant_attention): the same programs and geometry helpers,
+int8 q, k, v (fake-quant codes with zero points, exact integer q.k via tl.dot on int8 into int32),
+pass 1 for the row max and softmax denominator, pass 2 quantizing every probability on a log grid
+(one fused multiply-add per key, a 2^bits-entry table) and accumulating P^ v^, not renormalized.
+It takes any kind's geometry (DENSE today); score modifiers are not applied in it.
 A new kind adds a branch to the three helpers (and, if it needs them, arguments to the kernels,
 which the other kinds pass as 0 or a dummy tensor). Head dims need not be powers of two and the
 query/key dim may differ from the value dim: both are padded to powers of two >= 16 (tl.dot's
@@ -57,6 +65,10 @@ Backward: the standard two-kernel scheme, deterministic for dq, dk, dv:
 Recomputing S in both kernels costs one extra QK^T against an atomic dQ; for window groups (N <=
 ~256 tokens) that is cheap, and the results do not depend on scheduling.
 """
+import functools
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -82,6 +94,10 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # timm's shifted-window mask value. Not -inf: pairs across regions keep a relative weight of ~e^-100,
 # exactly as in timm (and the reference), and no row can be left with nothing to normalize.
 _REGION_MASK = tl.constexpr(-100.0)
+# Decay tables count -inf, +inf and NaN cells in three fields of one int64 (lines under 2^21 cells).
+COUNT_BITS = 21
+_COUNT_BITS = tl.constexpr(COUNT_BITS)
+_COUNT_MASK = tl.constexpr((1 << COUNT_BITS) - 1)
 
 
 # ------------------------------------------------------------------------ per-kind helpers
@@ -253,20 +269,58 @@ def _polyline_corners(qi, kj, H, W, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _polyline_logm(qi, kj, g, head, TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE: tl.constexpr):
-    """The natural-log polyline mask from the prefix tables (A: row prefix of log_alpha, C: column
-    prefix of log_beta), sgn(b1-b2) (A[a1,b1] - A[a1,b2]) + sgn(a1-a2) (C[a1,b2] - C[a2,b2]).
+def _split_word(w):
+    """The (hi, lo) fp32 halves of a packed double-float prefix entry (see segment_tables)."""
+    hi = (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    lo = w.to(tl.int32).to(tl.float32, bitcast=True)
+    return hi, lo
 
-    Two of the four terms depend on one side only and are loaded as vectors; the two at (a1, b2)
-    are real 2-D gathers from an O(N) table that sits in L1/L2.
+
+@triton.jit
+def _segment(T, K, NF, off_a, off_b, sgn):
+    """The sum of a line's decays over (min(a, b), max(a, b)], from the entries of positions a and b
+    (table offsets off_a, off_b, any broadcastable shapes) and sgn = sgn(a - b).
+
+    T holds the prefix of the finite decays as double-float pairs: the difference of two entries
+    loses nothing to cells before min(a, b), however large (a -1e6 there costs ~1e-8, not 0.03 as
+    an fp32 prefix would). Non-finite cells count 0 there and are counted in K instead (exact
+    integer prefixes of -inf, +inf and NaN cells, packed); K is read only when the launcher's flag
+    NF says some cell is non-finite, so finite decays pay a few integer ops per pair for it.
+    """
+    ha, la = _split_word(tl.load(T + off_a))
+    hb, lb = _split_word(tl.load(T + off_b))
+    seg = sgn * ((ha - hb) + (la - lb))
+    # Masked by a uniform flag rather than branched on: a data-dependent branch inside the key loop
+    # cost the polyline kernels up to 14 KB of spills (ptxas, sm_90); predicated-off loads cost none.
+    nf = tl.load(NF)
+    # off * 0 + nf only gives the flag the offsets' shape (the interpreter wants a full bool mask).
+    ka = tl.load(K + off_a, mask=(off_a * 0 + nf) != 0, other=0)
+    kb = tl.load(K + off_b, mask=(off_b * 0 + nf) != 0, other=0)
+    c = tl.abs(ka - kb)
+    neg = (c & _COUNT_MASK) != 0
+    pos = ((c >> _COUNT_BITS) & _COUNT_MASK) != 0
+    nan = (c >> (2 * _COUNT_BITS)) != 0
+    # -inf + inf is NaN, as the sum over a path holding both is.
+    seg = seg + (tl.where(neg, float("-inf"), 0.0) + tl.where(pos, float("inf"), 0.0))
+    seg = tl.where(nan, float("nan"), seg)
+    return seg
+
+
+@triton.jit
+def _polyline_logm(qi, kj, g, head, TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W,
+                   TRANSPOSE: tl.constexpr):
+    """The natural-log polyline mask: the row segment of log_alpha along row a1 between columns b1
+    and b2, plus the column segment of log_beta down column b2 between rows a1 and a2.
+
+    Of the four table reads, (a1, b1) depends on the path's start only and (a2, b2) on its end
+    (vectors); the two at (a1, b2) are real 2-D gathers from O(N) tables that sit in L1/L2.
     """
     a1, b1, a2, b2 = _polyline_corners(qi, kj, H, W, TRANSPOSE)
     base = g.to(tl.int64) * s_t0 + head * s_th
-    a11 = tl.load(TA + base + a1 * s_t1 + b1 * s_t2)
-    a12 = tl.load(TA + base + a1 * s_t1 + b2 * s_t2)
-    c12 = tl.load(TC + base + a1 * s_t1 + b2 * s_t2)
-    c22 = tl.load(TC + base + a2 * s_t1 + b2 * s_t2)
-    return _sgn(b1 - b2) * (a11 - a12) + _sgn(a1 - a2) * (c12 - c22)
+    o12 = base + a1 * s_t1 + b2 * s_t2
+    row = _segment(TA, KA, NF, base + a1 * s_t1 + b1 * s_t2, o12, _sgn(b1 - b2))
+    col = _segment(TC, KC, NF, o12, base + a2 * s_t1 + b2 * s_t2, _sgn(a1 - a2))
+    return row + col
 
 
 @triton.jit
@@ -287,20 +341,19 @@ def _gauss_mask(qi, kj, head, TA, s_t1, s_t2, s_th, H, W):
 def _score_mod(KIND: tl.constexpr, s, qi, kj, g, head,
                BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2,
                HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-               TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE: tl.constexpr):
+               TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE: tl.constexpr):
     if KIND == _WINDOW:
         s = _window_score_mod(s, qi, kj, g, head, BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2,
                               HAS_BIAS, SHIFTED, WH, WW)
     elif KIND == _POLYLINE:
-        s = s + _polyline_logm(qi, kj, g, head, TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE) * _LOG2E
+        s = s + _polyline_logm(qi, kj, g, head, TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W,
+                               TRANSPOSE) * _LOG2E
     elif KIND == _AXIAL:
         # 1-D segment sums are symmetric, so no TRANSPOSE here. Both gathers are vectors.
         base = _axial_base(g, head, s_t0, s_t1, s_th, H)
         jq = tl.minimum(qi, W - 1)
         jk = tl.minimum(kj, W - 1)
-        aq = tl.load(TA + base + jq * s_t2)
-        ak = tl.load(TA + base + jk * s_t2)
-        s = s + _sgn(jq - jk) * (aq - ak) * _LOG2E
+        s = s + _segment(TA, KA, NF, base + jq * s_t2, base + jk * s_t2, _sgn(jq - jk)) * _LOG2E
     elif KIND == _GAUSS:
         # Multiplicative: scaling the log2-unit raw score scales the natural logit alike.
         s = s * _gauss_mask(qi, kj, head, TA, s_t1, s_t2, s_th, H, W)
@@ -426,6 +479,7 @@ def _attn_fwd(
     H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,   # WINDOW geometry (H, W: image or line geometry for all)
     NQ, NK,                                 # DENSE: queries and keys per group
     TA, TC, s_t0, s_t1, s_t2, s_th,         # POLYLINE/AXIAL prefix tables, GAUSS mask table (fp32)
+    KA, KC, NF,                             # POLYLINE/AXIAL non-finite counts, and whether any exist
     HEADS, M_BLOCKS, DQK, DV, qk_scale,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, TRANSPOSE: tl.constexpr,
     WH: tl.constexpr, WW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -453,7 +507,7 @@ def _attn_fwd(
         s = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
         s = _score_mod(KIND, s, offs_m[:, None], offs_n[None, :], g, head,
                        BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW,
-                       TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
+                       TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
         s = tl.where(k_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with no present key so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0
@@ -465,12 +519,145 @@ def _attn_fwd(
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
         m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
+    # l_i == 0 has two meanings. A group with no keys at all (reduced attention against Nk = 0) sums
+    # nothing: output 0, lse -inf. A row whose present keys all scored -inf is eager's 0 / 0: NaN
+    # output and lse, which the division gives by itself (acc is 0 there unless v made it NaN).
+    no_keys = n_k == 0
+    l_safe = tl.where(no_keys, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    lse = tl.where(no_keys, float("-inf"),
+                   tl.where(l_i == 0.0, float("nan"), (m_i + tl.log2(l_safe)) * _LN2))
     _store_rows(O, qa, qb, qc, s_o0, s_o1, s_o2, s_oh, s_od, head, dv, DV, q_in, out)
     tl.store(LSE + _offsets(qa, qb, qc, s_l0, s_l1, s_l2) + head * s_lh, lse, mask=q_in)
+
+
+# ------------------------------------------------------------- two-pass forward (quantized)
+@triton.jit
+def _int8_codes(x, present, s, z):
+    """(codes, nan) of an fp tile: clamp(round(x / s) + z, -128, 127) as int8, evaluated in fp64 as the
+    reference does (the IEEE quotient, then round half to even by the 1.5 * 2^52 trick, exact for the
+    clamped |x / s| <= 1024), so the codes are the reference's bit for bit. s: fp64 scalar, z: int.
+    Positions outside `present` (absent tokens, head-dim padding) get code 0, NaN cells code 0 and
+    nan True: the int8 codes cannot hold them, the caller propagates them as flags."""
+    xd = x.to(tl.float64)
+    t = xd / s
+    t = tl.minimum(tl.maximum(t, -1024.0), 1024.0)
+    r = ((t + 6755399441055744.0) - 6755399441055744.0) + z
+    r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+    nan = (xd != xd) & present
+    r = tl.where(present & ~nan, r, 0.0)
+    return r.to(tl.int8), nan
+
+
+@triton.jit
+def _quant_scores(qc, q_sum, K, ka, kb, kc, k_in, s_k0, s_k1, s_k2, s_kh, s_kd, head, dk, DQK,
+                  s_k, zq, zk, alpha):
+    """(x, knan) of one key tile: x [M, N] = fp32(Σ (cq - zq)(ck - zk)) * alpha, the logits in natural
+    units (absent keys -inf), from one int8 dot with int32 accumulation and the zero points expanded:
+    Σ cq ck - zk Σ cq - zq Σ ck + d zq zk, all exact in int32. knan: whether the tile holds a NaN key."""
+    kT = tl.load(K + _offsets(ka, kb, kc, s_k0, s_k1, s_k2)[None, :] + head * s_kh + dk[:, None] * s_kd,
+                 mask=k_in[None, :] & (dk < DQK)[:, None], other=0.0)
+    kcode, knan = _int8_codes(kT, k_in[None, :] & (dk < DQK)[:, None], s_k, zk)
+    k_sum = tl.sum(kcode.to(tl.int32), axis=0)
+    acc = tl.dot(qc, kcode, tl.zeros([qc.shape[0], kcode.shape[1]], dtype=tl.int32))
+    acc = acc - zk * q_sum[:, None] - zq * k_sum[None, :] + DQK * zq * zk
+    x = acc.to(tl.float32) * alpha
+    x = tl.where(k_in[None, :], x, float("-inf"))
+    return x, tl.max(tl.max(knan.to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _f64(bits):
+    """An fp64 scalar passed as its int64 bit pattern (Triton passes Python floats as fp32)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _attn_fwd_quant(
+    Q, K, V, O, TABLE,
+    s_q0, s_q1, s_q2, s_qh, s_qd,
+    s_k0, s_k1, s_k2, s_kh, s_kd,
+    s_v0, s_v1, s_v2, s_vh, s_vd,
+    s_o0, s_o1, s_o2, s_oh, s_od,
+    SEQ, H, W, SH, SW, NWX, NW, NQ, NK,
+    HEADS, M_BLOCKS, DQK, DV,
+    sq_bits, sk_bits, sv_bits, zq, zk, zv, alpha, inv_ln_base, ln_delta_bits, LEVELS,
+    KIND: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Quantized attention, the two-pass form: int8 q, k, v and log-grid quantized probabilities.
+
+    Pass 1 sweeps the group's keys for each query's row max m and softmax denominator l (online, in
+    fp32, natural units: the logits are exact integers times one fp32 multiply, as on the CPU). Pass 2
+    sweeps them again and quantizes every probability with one fused multiply-add per key:
+        c = rint((m - x) / ln(base) + (ln l + ln δ) / ln(base)),  clamped below at 0,
+    P̂ = TABLE[c] = δ base^-c for c < LEVELS (and P > 0: m - x below fp64's underflow), else 0, and
+    accumulates P̂ v̂ in fp32 (exact products), not renormalized. No exponential or logarithm per
+    element in pass 2. NaN in q, k or v cannot live in int8 codes: it is tracked as flags (a NaN query
+    makes its row NaN, a NaN key its whole head, a NaN value its column), as the eager simulation
+    propagates it. Geometry (which tokens a group has) is the kind's, as in _attn_fwd.
+    """
+    g, mb, head = _program_ids(HEADS, M_BLOCKS)
+    start, n_q, n_k = _group_extent(KIND, g, SEQ, H, W, NQ, NK, WH, WW)
+    if mb * BLOCK_M >= n_q:
+        return
+    s_q = _f64(sq_bits)
+    s_k = _f64(sk_bits)
+    s_v = _f64(sv_bits)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qa, qb, qc_, q_in = _tokens(KIND, g, offs_m, n_q, start, H, W, SH, SW, NWX, NW, WH, WW)
+    dk = tl.arange(0, BLOCK_DQK)
+    dv = tl.arange(0, BLOCK_DV)
+    q_mask = q_in[:, None] & (dk < DQK)[None, :]
+    q = _load_rows(Q, qa, qb, qc_, s_q0, s_q1, s_q2, s_qh, s_qd, head, dk, DQK, q_in)
+    qcode, qnan = _int8_codes(q, q_mask, s_q, zq)
+    q_sum = tl.sum(qcode.to(tl.int32), axis=1)
+    row_nan = tl.max(qnan.to(tl.int32), axis=1)
+
+    # Pass 1: row max and denominator.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    knan = tl.zeros([], dtype=tl.int32)
+    for n0 in range(0, n_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
+        x, tile_nan = _quant_scores(qcode, q_sum, K, ka, kb, kc, k_in, s_k0, s_k1, s_k2, s_kh, s_kd, head, dk,
+                                    DQK, s_k, zq, zk, alpha)
+        knan = tl.maximum(knan, tile_nan)
+        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m_i = m_new
+
+    # k0 = (ln l + ln δ) / ln(base), in fp64 and rounded once to fp32 (as the CPU kernel does).
+    k0 = ((tl.log(l_i.to(tl.float64)) + _f64(ln_delta_bits)) * inv_ln_base).to(tl.float32)
+    k0 = tl.where(q_in, k0, 0.0)
+
+    # Pass 2: quantize each probability on the log grid and accumulate P̂ v̂.
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    vnan = tl.zeros([BLOCK_DV], dtype=tl.int32)
+    for n0 in range(0, n_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ka, kb, kc, k_in = _tokens(KIND, g, offs_n, n_k, start, H, W, SH, SW, NWX, NW, WH, WW)
+        x, _ = _quant_scores(qcode, q_sum, K, ka, kb, kc, k_in, s_k0, s_k1, s_k2, s_kh, s_kd, head, dk,
+                             DQK, s_k, zq, zk, alpha)
+        gap = m_i[:, None] - x
+        c = tl.fma(gap, inv_ln_base, k0[:, None])
+        c = tl.minimum(c, 4194304.0)                                   # 2^22: rint below stays exact
+        c = (c + 12582912.0) - 12582912.0                              # rint, half to even
+        c = tl.maximum(c, 0.0)
+        # P underflows to exactly 0 in the float64 simulation below e^-745.13.
+        keep = (c < LEVELS) & (gap < 745.13) & k_in[None, :] & q_in[:, None]
+        p_hat = tl.load(TABLE + tl.where(keep, c, 0.0).to(tl.int32), mask=keep, other=0.0)
+        v_mask = k_in[:, None] & (dv < DV)[None, :]
+        v = _load_rows(V, ka, kb, kc, s_v0, s_v1, s_v2, s_vh, s_vd, head, dv, DV, k_in)
+        vcode, v_is_nan = _int8_codes(v, v_mask, s_v, zv)
+        vnan = tl.maximum(vnan, tl.max(v_is_nan.to(tl.int32), axis=0))
+        v_hat = tl.where(v_mask, (s_v * (vcode.to(tl.float64) - zv)).to(tl.float32), 0.0)
+        acc = tl.dot(p_hat, v_hat, acc, input_precision="ieee")
+
+    nan_rows = (row_nan != 0) | (knan != 0)
+    out = acc + tl.where(vnan != 0, float("nan"), 0.0)[None, :] + tl.where(nan_rows, float("nan"), 0.0)[:, None]
+    _store_rows(O, qa, qb, qc_, s_o0, s_o1, s_o2, s_oh, s_od, head, dv, DV, q_in, out)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -520,7 +707,7 @@ def _attn_bwd_dkdv(
     SEQ,
     BIAS, s_bias_r, s_bias_h,
     H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,
-    NQ, NK, TA, TC, s_t0, s_t1, s_t2, s_th,
+    NQ, NK, TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th,
     HEADS, N_BLOCKS, DQK, DV, qk_scale, sm_scale,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, TRANSPOSE: tl.constexpr,
     WH: tl.constexpr, WW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -552,7 +739,7 @@ def _attn_bwd_dkdv(
         sT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), IEEE, UPCAST) * qk_scale
         sT = _score_mod(KIND, sT, offs_m[None, :], offs_n[:, None], g, head,
                         BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW,
-                       TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
+                       TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
         sT = tl.where(k_in[:, None], sT, float("-inf"))
         pT = tl.exp2(sT - lse2[None, :])
         acc_v = _dot(pT.to(do.dtype), do, acc_v, IEEE, UPCAST)
@@ -578,7 +765,7 @@ def _attn_bwd_dq(
     SEQ,
     BIAS, s_bias_r, s_bias_h,
     H, W, SH, SW, NWX, NW, TY1, TY2, TX1, TX2,
-    NQ, NK, TA, TC, s_t0, s_t1, s_t2, s_th,
+    NQ, NK, TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th,
     HEADS, M_BLOCKS, DQK, DV, qk_scale, sm_scale, REPLICAS,
     KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, BIAS_GRAD: tl.constexpr,
     TRANSPOSE: tl.constexpr,
@@ -619,7 +806,7 @@ def _attn_bwd_dq(
         s_raw = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST) * qk_scale
         s = _score_mod(KIND, s_raw, offs_m[:, None], offs_n[None, :], g, head,
                        BIAS, s_bias_r, s_bias_h, NWX, NW, TY1, TY2, TX1, TX2, HAS_BIAS, SHIFTED, WH, WW,
-                       TA, TC, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
+                       TA, TC, KA, KC, NF, s_t0, s_t1, s_t2, s_th, H, W, TRANSPOSE)
         s = tl.where(k_in[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE, UPCAST)
@@ -657,6 +844,35 @@ def gradient_replicas(groups: int, per_copy_bytes: int, device: torch.device) ->
     if device.type != "cuda":
         return 1
     return max(1, min(_MAX_REPLICAS, groups, _REPLICA_BUFFER_BYTES // max(per_copy_bytes, 1)))
+
+
+def segment_tables(x: torch.Tensor, dim: int):
+    """(T, K, NF): what _segment reads to sum x over (min(a, b), max(a, b)] along dim.
+
+    T: int64, the inclusive prefix of x's finite cells after cell 0 (non-finite ones count 0), in float64
+    and stored as a double-float pair, hi = fp32(P) in the upper word and lo = fp32(P - hi) in the
+    lower (48 significant bits: the difference of two entries is as exact as the CPU's double).
+    K: int64, the prefix counts of -inf, +inf and NaN cells in COUNT_BITS-bit fields (exact
+    integers, so cells off the segment cancel exactly). NF: int32 [1], whether any cell is
+    non-finite (a device flag: no host sync). T and K are contiguous with x's shape.
+    """
+    x64 = x.to(torch.float64)
+    # Cell 0 of a line is in no segment, (min, max] starting past it: it is left out altogether, so
+    # that whatever it holds changes no mask, not even by rounding.
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    inside = (torch.arange(x.shape[dim], device=x.device) > 0).reshape(shape)
+    finite = torch.isfinite(x64)
+    prefix = torch.cumsum(torch.where(finite & inside, x64, 0.0), dim).contiguous()
+    hi = prefix.to(torch.float32)
+    lo = (prefix - hi.to(torch.float64)).to(torch.float32)
+    table = (hi.view(torch.int32).to(torch.int64) << 32) | (lo.view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
+    one = torch.ones((), dtype=torch.int64, device=x.device)
+    cell = torch.where(finite | ~inside, 0, torch.where(torch.isnan(x64), one << (2 * COUNT_BITS),
+                                                        torch.where(x64 > 0, one << COUNT_BITS, one)))
+    counts = torch.cumsum(cell, dim).contiguous()
+    flag = (cell != 0).any().to(torch.int32).reshape(1)
+    return table, counts, flag
 
 
 def new_outputs(q: torch.Tensor, v: torch.Tensor):
@@ -726,7 +942,7 @@ def tile_config(n_keys: int, block_dqk: int, block_dv: int, dtype: torch.dtype, 
 _MODIFIER_DEFAULTS = dict(H=1, W=1, SH=0, SW=0, NWX=1, NW=1, TY1=0, TY2=0, TX1=0, TX2=0,
                           s_bias_r=0, s_bias_h=0, HAS_BIAS=False, SHIFTED=False, WH=1, WW=1,
                           NQ=0, NK=0, s_t0=0, s_t1=0, s_t2=0, s_th=0, TRANSPOSE=False)
-_MODIFIER_TENSORS = ("SEQ", "BIAS", "TA", "TC")
+_MODIFIER_TENSORS = ("SEQ", "BIAS", "TA", "TC", "KA", "KC", "NF")
 # What _tokens and _group_extent read: all the preprocess kernel needs.
 _TOKEN_ARGS = ("SEQ", "H", "W", "SH", "SW", "NWX", "NW", "NQ", "NK", "WH", "WW")
 # Kinds whose modifier gathers from a table per (query, key) pair: more live [M, N] temporaries.
@@ -820,4 +1036,61 @@ def attention_backward(kind: int, grad_out, q, k, v, out, lse, dq, dk, dv, strid
             **s["q"], **s["k"], **s["v"], **s["g"], **s["l"], **s["dq"], **mod,
             HEADS=heads, M_BLOCKS=m_blocks, DQK=dqk, DV=dvd, qk_scale=qk_scale, sm_scale=float(scale),
             REPLICAS=replicas, BIAS_GRAD=dbias is not None, **tiles,
+        )
+
+
+def dense_token_strides(t: torch.Tensor):
+    """The DENSE kind's token coordinates (batch, -, token) of a [B, N, heads(, d)] tensor."""
+    st = t.stride()
+    return (st[0], 0, *st[1:])
+
+
+def _f64_bits(x: float) -> int:
+    """x's fp64 bit pattern as an int, for the kernels' _f64 (Triton would pass a Python float as fp32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _f32(x: float) -> float:
+    """x rounded to fp32, as the kernel sees it on a GPU (the interpreter would keep the double)."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def log_grid_table(bits: int, base: float, delta: float, device: torch.device) -> torch.Tensor:
+    """fp32 [2^bits]: δ base^-c for every code c, each evaluated in fp64 and rounded once."""
+    return torch.tensor([delta * base ** -c for c in range(1 << bits)], dtype=torch.float32, device=device)
+
+
+def quant_attention_forward(kind: int, q, k, v, out, strides: dict, groups: int, heads: int, n_max: int,
+                            n_k_max: int, q_scale: float, k_scale: float, v_scale: float, zeros, bits: int,
+                            base: float, delta: float, scale: float, modifier: dict) -> None:
+    """Launches _attn_fwd_quant over groups x ceil(n_max / BLOCK_M) x heads programs.
+
+    strides: "q", "k", "v", "o" as for attention_forward; zeros: (z_q, z_k, z_v); scale: the softmax
+    scale (already defaulted); modifier: the kind's geometry arguments (see _TOKEN_ARGS).
+    """
+    dqk, dv = q.shape[-1], v.shape[-1]
+    # The int8 dot's reduction dim: at least 32 (the int8 MMA's k).
+    bdqk, bdv = max(32, head_block(dqk)), head_block(dv)
+    # fp32 tiles: P̂ v̂ runs as an exact-product fp32 dot, as fp32 attention does (see tile_config).
+    block_m, block_n, warps, stages = tile_config(n_k_max, bdqk, bdv, torch.float32)
+    if IS_INTERPRETED:
+        # The interpreter pays per tile step, not per element: whole rows of up to 128 keys at a time.
+        block_m = block_n = max(16, min(128, 1 << max(0, max(n_max, n_k_max) - 1).bit_length()))
+    m_blocks = triton.cdiv(n_max, block_m)
+    mod = _modifier_args(modifier, q)
+    zq, zk, zv = (int(z) for z in zeros)
+    table = log_grid_table(int(bits), float(base), float(delta), q.device)
+    with device_ctx(q):
+        launcher(_attn_fwd_quant)[(groups * m_blocks * heads,)](
+            q, k, v, out, table,
+            **_strided("q", strides["q"]), **_strided("k", strides["k"]), **_strided("v", strides["v"]),
+            **_strided("o", strides["o"]),
+            **{name: mod[name] for name in _TOKEN_ARGS},
+            HEADS=heads, M_BLOCKS=m_blocks, DQK=dqk, DV=dv,
+            sq_bits=_f64_bits(q_scale), sk_bits=_f64_bits(k_scale), sv_bits=_f64_bits(v_scale),
+            zq=zq, zk=zk, zv=zv, alpha=_f32(scale * q_scale * k_scale), inv_ln_base=_f32(1.0 / math.log(base)),
+            ln_delta_bits=_f64_bits(math.log(delta)), LEVELS=1 << int(bits), KIND=kind,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
+            num_warps=warps, num_stages=stages,
         )

@@ -24,9 +24,12 @@ the decays' prefix tables and their reverse cumulative sums for the gradients, t
 [heads, H, W] mask table and the mixture-parameter gradients from its gradient. Nothing N x N exists
 anywhere.
 
-The polyline mask of a query (i1, j1) and key (i2, j2) is a difference of prefix sums,
+The polyline mask of a query (i1, j1) and key (i2, j2) is the sum of the decays on the path,
     logM = sgn(j1 - j2) (A[i1, j1] - A[i1, j2]) + sgn(i1 - i2) (C[i1, j2] - C[i2, j2]),
-A the prefix of log_alpha along each row, C that of log_beta down each column. The symmetric form runs
+A the prefix of log_alpha along each row, C that of log_beta down each column, kept as double-float
+pairs of the finite cells plus exact counts of the non-finite ones (core.segment_tables), so that no
+cell off the path changes the mask: the empty path is 0, -inf on it gives -inf, NaN or +inf and -inf
+NaN, +inf +inf (vitkernels/reference/masked_attention.py, segment_sums). The symmetric form runs
 the core twice, the second time with TRANSPOSE (the path starts at the key), keeping each direction's
 normalized output (parts) and lse; its backward is two ordinary attention backwards with dO / 2.
 """
@@ -55,27 +58,29 @@ def _table_args(t: torch.Tensor) -> dict:
     return dict(s_t0=t.stride(0), s_t1=t.stride(2), s_t2=t.stride(3), s_th=t.stride(1))
 
 
-def _prefix(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # Accumulated in float64 and rounded once, so every entry is the correctly rounded prefix and a
-    # mask value (a difference of two entries) is off by at most an ulp of the entries.
-    return torch.cumsum(x.to(torch.float64), dim=dim).to(torch.float32).contiguous()
-
-
 def _reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """y[i] = sum_{t >= i} x[t]: the gradient of a prefix sum."""
     return torch.flip(torch.cumsum(torch.flip(x, (dim,)), dim), (dim,))
 
 
+def _decay_grad(grad: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The gradient of the decays in their layout and dtype. A non-finite cell is counted, not
+    summed, into the masks (core.segment_tables): no gradient reaches it, as in the reference,
+    where a NaN dS of a pair would otherwise reach it through the prefix sum."""
+    return torch.where(torch.isfinite(decay), grad, 0.0).to(decay.dtype).contiguous()
+
+
 # ------------------------------------------------------------------------ polyline attention
-def _polyline_tables(log_alpha: torch.Tensor, log_beta: torch.Tensor):
-    """A [B, heads, H, W]: prefix of log_alpha along rows; C [B, heads, H, W]: of log_beta down columns."""
-    A = _prefix(log_alpha.permute(0, 3, 1, 2), 3)
-    C = _prefix(log_beta.permute(0, 3, 1, 2), 2)
-    return A, C
+def _polyline_tables(log_alpha: torch.Tensor, log_beta: torch.Tensor) -> dict:
+    """The segment tables (core.segment_tables) of log_alpha along rows and of log_beta down columns,
+    [B, heads, H, W] each, as kernel arguments."""
+    A, KA, fa = core.segment_tables(log_alpha.permute(0, 3, 1, 2), 3)
+    C, KC, fc = core.segment_tables(log_beta.permute(0, 3, 1, 2), 2)
+    return dict(TA=A, TC=C, KA=KA, KC=KC, NF=torch.maximum(fa, fc), **_table_args(A))
 
 
-def _polyline_modifier(A, C, H, W, transpose):
-    return dict(H=H, W=W, TA=A, TC=C, TRANSPOSE=bool(transpose), **_table_args(A))
+def _polyline_modifier(tables: dict, H, W, transpose):
+    return dict(H=H, W=W, TRANSPOSE=bool(transpose), **tables)
 
 
 def polyline_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -91,13 +96,13 @@ def polyline_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
     parts = (torch.empty((2, B, H, W, heads, dv), dtype=q.dtype, device=q.device) if symmetric else _empty(q))
     if out.numel() == 0:
         return out, lse, parts if save_for_backward else _empty(q)
-    A, C = _polyline_tables(log_alpha, log_beta)
+    tables = _polyline_tables(log_alpha, log_beta)
     for p in range(P):
         o = parts[p] if symmetric else out
         strides = dict(q=_image_strides(q), k=_image_strides(k), v=_image_strides(v), o=_image_strides(o),
                        l=_image_strides(lse[p]))
         core.attention_forward(core.POLYLINE, q, k, v, o, lse[p], strides, B, heads, H * W, scale,
-                               _polyline_modifier(A, C, H, W, p == 1))
+                               _polyline_modifier(tables, H, W, p == 1))
     if symmetric:
         out.copy_((parts[0].float() + parts[1].float()) * 0.5)
     if not save_for_backward:
@@ -126,9 +131,10 @@ def polyline_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             return (*zeros, _empty(q), _empty(q))
         return (*zeros, torch.zeros(log_alpha.shape, dtype=log_alpha.dtype, device=q.device),
                 torch.zeros(log_beta.shape, dtype=log_beta.dtype, device=q.device))
-    A, C = _polyline_tables(log_alpha, log_beta)
-    dA = torch.zeros_like(A) if decay_grad else None
-    dC = torch.zeros_like(C) if decay_grad else None
+    tables = _polyline_tables(log_alpha, log_beta)
+    # The gradients of the tables' (finite) prefixes, laid out like them.
+    dA = torch.zeros(tables["TA"].shape, dtype=torch.float32, device=q.device) if decay_grad else None
+    dC = torch.zeros(tables["TC"].shape, dtype=torch.float32, device=q.device) if decay_grad else None
     acc_dtype = torch.float32 if symmetric else q.dtype
     grads = [torch.empty((P, B, H, W, heads, d), dtype=acc_dtype, device=q.device) for d in (dqk, dqk, dvd)]
     g = grad_out * 0.5 if symmetric else grad_out
@@ -140,28 +146,25 @@ def polyline_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                        o=_image_strides(o), l=_image_strides(lse_p), dq=_image_strides(dq),
                        dk=_image_strides(dk), dv=_image_strides(dv))
         core.attention_backward(core.POLYLINE, g, q, k, v, o, lse_p, dq, dk, dv, strides, B, heads, H * W,
-                                scale, _polyline_modifier(A, C, H, W, p == 1), dA, 1, dC)
+                                scale, _polyline_modifier(tables, H, W, p == 1), dA, 1, dC)
     if symmetric:
         dq, dk, dv = ((t[0] + t[1]).to(q.dtype) for t in grads)
     else:
         dq, dk, dv = (t[0] for t in grads)
     if not decay_grad:
         return dq, dk, dv, _empty(q), _empty(q)
-    dla = _reverse_cumsum(dA, 3).permute(0, 2, 3, 1).to(log_alpha.dtype).contiguous()
-    dlb = _reverse_cumsum(dC, 2).permute(0, 2, 3, 1).to(log_beta.dtype).contiguous()
+    dla = _decay_grad(_reverse_cumsum(dA, 3).permute(0, 2, 3, 1), log_alpha)
+    dlb = _decay_grad(_reverse_cumsum(dC, 2).permute(0, 2, 3, 1), log_beta)
     return dq, dk, dv, dla, dlb
 
 
 # ------------------------------------------------------------------------ axial attention
-def _axial_table(log_decay: torch.Tensor, axis: int) -> torch.Tensor:
-    """Prefix of log_decay along the attention axis, [B, heads, lines, length] in the view's order
-    (rows for axis 2, columns for axis 1)."""
+def _axial_modifier(log_decay: torch.Tensor, axis: int, lines: int, length: int) -> dict:
+    """The segment tables of log_decay along the attention axis, [B, heads, lines, length] in the
+    view's order (rows for axis 2, columns for axis 1), as kernel arguments."""
     t = log_decay.permute(0, 3, 1, 2) if axis == 2 else log_decay.permute(0, 3, 2, 1)
-    return _prefix(t, 3)
-
-
-def _axial_modifier(table: torch.Tensor, lines: int, length: int) -> dict:
-    return dict(H=lines, W=length, TA=table, **_table_args(table))
+    table, counts, flag = core.segment_tables(t, 3)
+    return dict(H=lines, W=length, TA=table, KA=counts, NF=flag, **_table_args(table))
 
 
 def _axial_fwd_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, axis: int,
@@ -169,11 +172,10 @@ def _axial_fwd_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay
     B, H, W, heads, _ = q.shape
     tr = int(axis) == 1
     lines, length = (W, H) if tr else (H, W)
-    table = _axial_table(log_decay, int(axis))
     strides = dict(q=_image_strides(q, tr), k=_image_strides(k, tr), v=_image_strides(v, tr),
                    o=_image_strides(out, tr), l=_image_strides(lse, tr))
     core.attention_forward(core.AXIAL, q, k, v, out, lse, strides, B * lines, heads, length, scale,
-                           _axial_modifier(table, lines, length))
+                           _axial_modifier(log_decay, int(axis), lines, length))
 
 
 def axial_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, axis: int,
@@ -239,19 +241,19 @@ def _axial_bwd_one(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_gr
     axis = int(axis)
     tr = axis == 1
     lines, length = (W, H) if tr else (H, W)
-    table = _axial_table(log_decay, axis)
-    dT = torch.zeros_like(table) if decay_grad else None
+    mod = _axial_modifier(log_decay, axis, lines, length)
+    dT = torch.zeros(mod["TA"].shape, dtype=torch.float32, device=q.device) if decay_grad else None
     lse = lse.contiguous()
     strides = dict(q=_image_strides(q, tr), k=_image_strides(k, tr), v=_image_strides(v, tr),
                    g=_image_strides(grad_out, tr), o=_image_strides(out, tr), l=_image_strides(lse, tr),
                    dq=_image_strides(dq, tr), dk=_image_strides(dk, tr), dv=_image_strides(dv, tr))
     core.attention_backward(core.AXIAL, grad_out, q, k, v, out, lse, dq, dk, dv, strides, B * lines, heads,
-                            length, scale, _axial_modifier(table, lines, length), dT)
+                            length, scale, mod, dT)
     if not decay_grad:
         return dq, dk, dv, _empty(q)
     dd = _reverse_cumsum(dT, 3)                                   # [B, heads, lines, length]
     dd = dd.permute(0, 2, 3, 1) if axis == 2 else dd.permute(0, 3, 2, 1)
-    return dq, dk, dv, dd.to(log_decay.dtype).contiguous()
+    return dq, dk, dv, _decay_grad(dd, log_decay)
 
 
 # ------------------------------------------------------------------------ Gaussian-mixture mask

@@ -7,14 +7,20 @@
 // those prefix sums, which reach -1700 over 56 steps of -30 while the differences that matter (the
 // near neighbours' decay, the keys that carry the softmax) can be 1e-3: fp32 prefix sums would
 // round those away, so every difference is formed in double and only then rounded to fp32.
+// Non-finite decays are kept out of the sums and counted (see split_nonfinite), so the masks are
+// exact IEEE path sums: the diagonal is 0, and a cell off every path changes nothing.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/isfinite.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "vitk/attention_core.h"
@@ -39,6 +45,53 @@ inline void write_line(at::Tensor& t, int64_t offset, int64_t step, int64_t n, c
     scalar_t* p = t.data_ptr<scalar_t>() + offset;
     for (int64_t x = 0; x < n; ++x) p[x * step] = static_cast<scalar_t>(src[x]);
   });
+}
+
+// ------------------------------------------------------------------------------ non-finite decays
+
+// A mask entry is the IEEE sum of the decays on its path: -inf there is a legal "no path" (-inf),
+// NaN or both infinities give NaN, +inf gives +inf, and a cell off the path never matters. Prefix
+// sums cannot carry that (-inf - -inf is NaN, and x[0] would enter every difference), so the prefix
+// sums hold the finite decays only and the non-finite ones are counted instead: each is a code with
+// a count of 1 in its class's field, the codes are prefix-summed like the values, and the code of a
+// path (the difference of two prefix codes, or a sum of such) counts its -inf, +inf and NaN cells.
+constexpr int kCodeBits = 21;
+constexpr int64_t kCodeNegInf = 1, kCodePosInf = int64_t(1) << kCodeBits, kCodeNaN = int64_t(1) << (2 * kCodeBits);
+constexpr int64_t kCodeField = kCodePosInf - 1;
+
+// A non-finite decay is counted into the masks, not summed into them, so no gradient reaches it (in
+// the reference too, where that count is not differentiable): its cell's gradient is 0, even where
+// NaN rows make the gradients of the finite cells on their paths NaN.
+inline void zero_nonfinite_grads(at::Tensor& grad, const at::Tensor& decay) {
+  grad.masked_fill_(at::isfinite(decay).logical_not(), 0);
+}
+
+// Moves the non-finite entries of x[0, n) into code[0, n) (x becomes 0 there, code 0 elsewhere).
+// Returns whether there was any; code is written only then.
+inline bool split_nonfinite(double* x, int64_t* code, int64_t n) {
+  int64_t first = 0;
+  while (first < n && std::isfinite(x[first])) ++first;
+  if (first == n) return false;
+  std::fill(code, code + first, int64_t(0));
+  for (int64_t j = first; j < n; ++j) {
+    code[j] = std::isnan(x[j]) ? kCodeNaN : (std::isfinite(x[j]) ? 0 : (x[j] < 0 ? kCodeNegInf : kCodePosInf));
+    if (code[j] != 0) x[j] = 0.0;
+  }
+  return true;
+}
+
+// The IEEE sum of a path's non-finite decays, from the path's code: 0 when it has none.
+inline float path_special(int64_t code) {
+  if (code == 0) return 0.f;
+  const bool neg = (code & kCodeField) != 0, pos = ((code >> kCodeBits) & kCodeField) != 0;
+  if ((code >> (2 * kCodeBits)) != 0 || (neg && pos)) return std::numeric_limits<float>::quiet_NaN();
+  return neg ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+}
+
+// Prefix sums in place, x[j] = x[0] + ... + x[j].
+template <typename V>
+inline void prefix_sum(V* x, int64_t n) {
+  for (int64_t j = 1; j < n; ++j) x[j] += x[j - 1];
 }
 
 // Flat offset of element (b, i, j, h) and the strides of a [B, H, W, heads] tensor.

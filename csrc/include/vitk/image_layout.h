@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "vitk/attention_driver.h"
 #include "vitk/checks.h"
 
 namespace vitk {
@@ -40,18 +41,10 @@ inline void check_image_qkv(const at::Tensor& q, const at::Tensor& k, const at::
   check_nonempty_dim(v, "v", 4, "head_dim");
 }
 
-// Element strides of a [B, H, W, heads, d] tensor and the first element of one token's head row.
+// A [B, H, W, heads, d] tensor read in place: row(b, y, x, h) is one token's head row (the
+// attention driver's strided rows, vitk/attention_driver.h).
 template <typename T>
-struct TokenView {
-  const T* base = nullptr;
-  int64_t s[5] = {0, 0, 0, 0, 0};
-  explicit TokenView(const at::Tensor& t) : base(t.data_ptr<T>()) {
-    for (int i = 0; i < 5; ++i) s[i] = t.stride(i);
-  }
-  const T* row(int64_t b, int64_t y, int64_t x, int64_t h) const {
-    return base + b * s[0] + y * s[1] + x * s[2] + h * s[3];
-  }
-};
+using TokenView = attn::Rows<T, 5>;
 
 }  // namespace cpu
 }  // namespace vitk

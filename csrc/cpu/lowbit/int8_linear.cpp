@@ -1,0 +1,331 @@
+// Integer linear layers: quantize_per_token, int8_linear, dynamic_int8_linear, int4_int8_linear.
+//
+// Every call first packs x: each row quantized (or, for int8_linear, its codes copied) into a
+// contiguous byte row of ceil(K/4) * 4 bytes in the operand form the GEMM wants, with its scale and
+// its zero-point correction. The GEMM (vitk/lowbit_kernels.h) then runs over tasks of 128 rows x 64
+// output channels, in parallel over both, so a single token still spreads over every core. Weights
+// come blocked for VNNI: int8_linear / dynamic_int8_linear take the blocked layout the modules keep
+// (vitkernels.lowbit.block_int8, packed once), or block a plain [N, K] w_q per call; int4_int8_linear
+// decodes each task's 64 channels from the 4-bit codes into a thread-local block, used by all of the
+// task's rows.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "vitk/lowbit.h"
+#include "vitk/registration.h"
+
+namespace vitk {
+namespace cpu {
+namespace {
+
+using namespace lowbit_detail;
+namespace lb = ::vitk::lowbit;
+
+constexpr int64_t kTaskRows = 96;
+constexpr int kMR = 6;   // rows per micro-tile
+constexpr int kNR = 4;   // 16-channel blocks per micro-tile (a panel of 64 output channels)
+constexpr int kRowDotRows = 8;    // rows per pass of the small-M int4 kernel
+constexpr int64_t kSmallM = 16;   // int4_int8_linear up to this many rows: weights decoded in registers
+
+// x packed for the GEMM: one byte row per token, plus its correction factor and scale.
+struct PackedX {
+  int64_t M = 0, KP = 0;
+  std::vector<uint8_t> a;
+  std::vector<int32_t> rowc;
+  std::vector<float> scale;
+  void resize(int64_t m, int64_t K) {
+    M = m;
+    KP = lb::ceil_div(K, 4) * 4;
+    a.assign(M * KP, 0);
+    rowc.assign(M, 0);
+    scale.assign(M, 0.f);
+  }
+};
+
+enum class XForm { kSymmetric, kAsymmetric, kSigned };  // u8 = q + 128 | u8 codes | s8 (int4 weights)
+
+// Quantizes every row of x straight into p's operand form (the codes of quantize_per_token, xor 0x80
+// for the symmetric uint8 operand), with each row's scale and zero-point correction.
+void quantize_rows(const at::Tensor& x, bool symmetric, XForm form, PackedX& p) {
+  const int64_t K = x.size(-1);
+  const std::vector<int64_t> off = row_offsets(x);
+  p.resize(static_cast<int64_t>(off.size()), K);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  at::parallel_for(0, p.M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(fp32 ? 0 : K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = fp32 ? x.const_data_ptr<float>() + off[m] : row.data();
+      if (!fp32) load_row(x, off[m], K, row.data());
+      uint8_t* a = p.a.data() + m * p.KP;
+      const lb::RowQuant rq = lb::quantize_row(r, K, symmetric, a, form == XForm::kSymmetric ? 0x80 : 0);
+      int32_t rowc = form == XForm::kSymmetric ? 128 : rq.zero_point;
+      if (form == XForm::kSigned) {
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += static_cast<int8_t>(a[k]);
+        rowc = 8 * sum;
+      }
+      p.rowc[m] = rowc;
+      p.scale[m] = rq.scale;
+    }
+  });
+}
+
+// Weights for the GEMM: all blocks ready in memory, or 4-bit codes decoded per panel.
+struct IntWeights {
+  const int8_t* blocked = nullptr;   // [NB][block_bytes]
+  const uint8_t* codes = nullptr;    // [N][K/2] (int4_int8_linear)
+};
+
+template <bool U>
+void run_tile(int mr, int nr, const lb::IntRows& rows, const int8_t* w, int64_t bb, int64_t KQ, int64_t n0, int64_t N,
+              const lb::Epilogue& ep) {
+  with_tile<kMR, kNR>(mr, nr, [&]<int MR, int NR>() { lb::int8_tile<MR, NR, U>(rows, w, bb, KQ, n0, N, ep); });
+}
+
+void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const lb::Epilogue& ep, at::Tensor& out) {
+  const int64_t M = p.M, KQ = lb::ceil_div(K, 4), bb = lb::block_bytes(K);
+  const int64_t NB = lb::ceil_div(N, lb::kBlockN);
+  const bool unsigned_w = w.codes != nullptr;
+  for_each_panel_task(lb::ceil_div(NB, kNR), M, kTaskRows, [&]() {
+    return [&, decoded = std::vector<int8_t>(unsigned_w ? kNR * bb : 0)](int64_t panel, int64_t m0, int64_t m1,
+                                                                            bool new_panel) mutable {
+      alignas(64) float stage[kMR][kNR * lb::kBlockN];
+      const int64_t b0 = panel * kNR;
+      const int nr = static_cast<int>(std::min<int64_t>(kNR, NB - b0));
+      const int8_t* wb = w.blocked + b0 * bb;
+      if (unsigned_w) {
+        if (new_panel)
+          for (int j = 0; j < nr; ++j)
+            lb::block_int4_codes(w.codes, K / 2, (b0 + j) * lb::kBlockN, N, K,
+                                 reinterpret_cast<uint8_t*>(decoded.data() + j * bb));
+        wb = decoded.data();
+      }
+      const int64_t n0 = b0 * lb::kBlockN, ncols = std::min<int64_t>(nr * lb::kBlockN, N - n0);
+      for (int64_t m = m0; m < m1; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
+        lb::IntRows rows;
+        for (int i = 0; i < mr; ++i) {
+          rows.a[i] = p.a.data() + (m + i) * p.KP;
+          rows.rowc[i] = p.rowc[m + i];
+          rows.scale[i] = p.scale[m + i];
+          rows.out[i] = stage[i];
+        }
+        if (unsigned_w)
+          run_tile<true>(mr, nr, rows, wb, bb, KQ, n0, N, ep);
+        else
+          run_tile<false>(mr, nr, rows, wb, bb, KQ, n0, N, ep);
+        for (int i = 0; i < mr; ++i) store(out, m + i, n0, stage[i], ncols);
+      }
+    };
+  });
+}
+
+#if VITK_LOWBIT_VNNI
+// int4_int8_linear for a few rows: each packed weight row is read once and expanded in registers
+// (lb::int4_row_dot), over tasks of 16 output channels.
+void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K, const lb::Epilogue& ep,
+                    at::Tensor& out) {
+  const int64_t M = p.M;
+  std::vector<int8_t> xd(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    lb::deinterleave(reinterpret_cast<const int8_t*>(p.a.data() + m * p.KP), K, 64, xd.data() + m * K);
+  at::parallel_for(0, lb::ceil_div(N, lb::kBlockN), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * lb::kBlockN;
+      const int valid = static_cast<int>(std::min<int64_t>(lb::kBlockN, N - n0));
+      for (int64_t m0 = 0; m0 < M; m0 += kRowDotRows) {
+        const int mt = static_cast<int>(std::min<int64_t>(kRowDotRows, M - m0));
+        const int8_t* xr[kRowDotRows];
+        for (int i = 0; i < mt; ++i) xr[i] = xd.data() + (m0 + i) * K;
+        int32_t acc[lb::kBlockN][kRowDotRows];
+        for (int j = 0; j < valid; ++j)
+          with_rows<1, kRowDotRows>(mt, [&]<int MT>() { lb::int4_row_dot<MT>(xr, codes + (n0 + j) * (K / 2), K, acc[j]); });
+        for (int i = 0; i < mt; ++i) {
+          lb::v16f v = lb::splat(0.f);
+          for (int j = 0; j < valid; ++j) v[j] = static_cast<float>(acc[j][i] - p.rowc[m0 + i]);
+          v = lb::finish(v, p.scale[m0 + i], ep, n0, valid);
+          store(out, m0 + i, n0, reinterpret_cast<const float*>(&v), valid);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// w_q as blocks: the blocked layout as given, or a plain [N, K] matrix blocked now into `storage`.
+const int8_t* blocked_weights(const at::Tensor& w_q, int64_t N, int64_t K, const at::Tensor& x, at::Tensor& storage) {
+  check_dtype_in(w_q, "w_q", {at::kChar});
+  check_same_device(x, "x", w_q, "w_q");
+  const int64_t NB = lb::ceil_div(N, lb::kBlockN), KQ = lb::ceil_div(K, 4);
+  if (w_q.dim() == 3) {
+    TORCH_CHECK_VALUE(w_q.size(0) == NB && w_q.size(1) == KQ + 1 && w_q.size(2) == lb::kQuadBytes,
+                      "w_q: expected the blocked layout [ceil(N/16), ceil(K/4) + 1, 64] = [", NB, ", ", KQ + 1,
+                      ", 64] for N=", N, " and K=", K, ", got ", w_q.sizes());
+    storage = w_q.contiguous();
+    return storage.const_data_ptr<int8_t>();
+  }
+  TORCH_CHECK_VALUE(w_q.dim() == 2, "w_q: expected shape [N, K] or the blocked layout [ceil(N/16), ceil(K/4) + 1, 64], "
+                    "got ", w_q.sizes());
+  TORCH_CHECK_VALUE(w_q.size(0) == N && w_q.size(1) == K, "w_q: expected shape [N, K] = [", N, ", ", K,
+                    "] (N from w_scale, K from x), got ", w_q.sizes());
+  const at::Tensor w = w_q.stride(1) == 1 ? w_q : w_q.contiguous();
+  storage = at::empty({NB, KQ + 1, lb::kQuadBytes}, w_q.options());
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int8_t* dst = storage.mutable_data_ptr<int8_t>();
+  const int64_t bb = lb::block_bytes(K), rs = w.stride(0);
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) lb::block_int8(src, rs, b * lb::kBlockN, N, K, dst + b * bb);
+  });
+  return dst;
+}
+
+int64_t check_w_scale(const at::Tensor& w_scale, const at::Tensor& x) {
+  check_dtype_in(w_scale, "w_scale", {at::kFloat});
+  check_same_device(x, "x", w_scale, "w_scale");
+  TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale: expected shape [N], got ", w_scale.sizes());
+  return w_scale.size(0);
+}
+
+void check_k(int64_t K, const char* name) {
+  TORCH_CHECK_VALUE(K <= lb::kMaxK, name, ": expected at most ", lb::kMaxK,
+                    " columns K (the int32 accumulator's range), got K=", K);
+}
+
+at::Tensor run_int(const at::Tensor& x, const PackedX& p, const IntWeights& w, const at::Tensor& w_scale,
+                   const std::optional<at::Tensor>& bias, Act act, at::ScalarType out_dtype) {
+  const int64_t N = w_scale.size(0), K = x.size(-1);
+  const at::Tensor ws = w_scale.contiguous();
+  const at::Tensor b = channel_vector(bias, "bias", N, x);
+  at::Tensor out = at::empty(out_shape(x, N), x.options().dtype(out_dtype));
+  if (p.M == 0 || N == 0) return out;
+  const lb::Epilogue ep{ws.const_data_ptr<float>(), ptr_or_null(b), act};
+#if VITK_LOWBIT_VNNI
+  if (w.codes && p.M <= kSmallM) {
+    int4_rows_gemm(p, w.codes, N, K, ep, out);
+    return out;
+  }
+#endif
+  int_gemm(p, w, N, K, ep, out);
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x_in, bool symmetric) {
+  const at::Tensor x = rows_of(x_in, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(symmetric ? at::kChar : at::kByte));
+  at::Tensor scale = at::empty(lead, x.options().dtype(at::kFloat));
+  at::Tensor zp = at::empty(lead, x.options().dtype(at::kInt));
+  const int64_t K = x.size(-1);
+  const std::vector<int64_t> off = row_offsets(x);
+  uint8_t* qp = static_cast<uint8_t*>(q.mutable_data_ptr());
+  float* sp = scale.mutable_data_ptr<float>();
+  int32_t* zpp = zp.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, static_cast<int64_t>(off.size()), 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> row(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      load_row(x, off[m], K, row.data());
+      const lb::RowQuant rq = lb::quantize_row(row.data(), K, symmetric, qp + m * K);
+      sp[m] = rq.scale;
+      zpp[m] = rq.zero_point;
+    }
+  });
+  return {q, scale, zp};
+}
+
+at::Tensor int8_linear(const at::Tensor& x_q_in, const at::Tensor& x_scale, const std::optional<at::Tensor>& x_zero_point,
+                       const at::Tensor& w_q, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       c10::string_view activation, std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor x_q = rows_of(x_q_in, "x_q", {at::kChar, at::kByte});
+  const Act act = parse_activation(activation);
+  const at::ScalarType od = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK_VALUE(od == at::kFloat || od == at::kBFloat16 || od == at::kHalf,
+                    "out_dtype: expected one of Float, BFloat16, Half, got ", od);
+  const auto lead = x_q.sizes().slice(0, x_q.dim() - 1);
+  check_dtype_in(x_scale, "x_scale", {at::kFloat});
+  check_same_device(x_q, "x_q", x_scale, "x_scale");
+  TORCH_CHECK_VALUE(x_scale.sizes() == lead, "x_scale: expected shape x_q.shape[:-1] = ", lead, ", got ",
+                    x_scale.sizes());
+  const bool has_zp = x_zero_point.has_value() && x_zero_point->defined();
+  if (has_zp) {
+    check_dtype_in(*x_zero_point, "x_zero_point", {at::kInt});
+    check_same_device(x_q, "x_q", *x_zero_point, "x_zero_point");
+    TORCH_CHECK_VALUE(x_zero_point->sizes() == lead, "x_zero_point: expected shape x_q.shape[:-1] = ", lead,
+                      ", got ", x_zero_point->sizes());
+  }
+  const int64_t K = x_q.size(-1);
+  check_k(K, "x_q");
+  const int64_t N = check_w_scale(w_scale, x_q);
+  at::Tensor storage;
+  IntWeights w;
+  w.blocked = blocked_weights(w_q, N, K, x_q, storage);
+
+  PackedX p;
+  const std::vector<int64_t> off = row_offsets(x_q);
+  p.resize(static_cast<int64_t>(off.size()), K);
+  const bool is_signed = x_q.scalar_type() == at::kChar;
+  const at::Tensor xs = x_scale.contiguous();
+  const at::Tensor zp = has_zp ? x_zero_point->contiguous() : at::Tensor();
+  const uint8_t* src = static_cast<const uint8_t*>(x_q.const_data_ptr());
+  at::parallel_for(0, p.M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint8_t* a = p.a.data() + m * p.KP;
+      const uint8_t* r = src + off[m];
+      if (is_signed)
+        for (int64_t k = 0; k < K; ++k) a[k] = r[k] ^ 0x80;
+      else
+        std::memcpy(a, r, K);
+      p.rowc[m] = (is_signed ? 128 : 0) + (has_zp ? zp.const_data_ptr<int32_t>()[m] : 0);
+      p.scale[m] = xs.const_data_ptr<float>()[m];
+    }
+  });
+  return run_int(x_q, p, w, w_scale, bias, act, od);
+}
+
+at::Tensor dynamic_int8_linear(const at::Tensor& x_in, const at::Tensor& w_q, const at::Tensor& w_scale,
+                               const std::optional<at::Tensor>& bias, c10::string_view activation, bool symmetric) {
+  const at::Tensor x = rows_of(x_in, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  const Act act = parse_activation(activation);
+  const int64_t K = x.size(-1);
+  check_k(K, "x");
+  const int64_t N = check_w_scale(w_scale, x);
+  at::Tensor storage;
+  IntWeights w;
+  w.blocked = blocked_weights(w_q, N, K, x, storage);
+  PackedX p;
+  quantize_rows(x, symmetric, symmetric ? XForm::kSymmetric : XForm::kAsymmetric, p);
+  return run_int(x, p, w, w_scale, bias, act, x.scalar_type());
+}
+
+at::Tensor int4_int8_linear(const at::Tensor& x_in, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const Packed4Args args(x_in, w_packed, activation);
+  const at::Tensor& x = args.x;
+  const int64_t K = args.K;
+  check_k(K, "x");
+  const int64_t N = check_w_scale(w_scale, x);
+  TORCH_CHECK_VALUE(w_packed.size(0) == N, "w_scale: expected shape [N] = [", w_packed.size(0),
+                    "] (N from w_packed), got ", w_scale.sizes());
+  const at::Tensor wp = w_packed.contiguous();
+  IntWeights w;
+  w.codes = wp.const_data_ptr<uint8_t>();
+  PackedX p;
+  quantize_rows(x, true, XForm::kSigned, p);
+  return run_int(x, p, w, w_scale, bias, args.act, x.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "quantize_per_token", vitk::Backend::kCpu, &vitk::cpu::quantize_per_token);
+  VITK_IMPL(m, "int8_linear", vitk::Backend::kCpu, &vitk::cpu::int8_linear);
+  VITK_IMPL(m, "dynamic_int8_linear", vitk::Backend::kCpu, &vitk::cpu::dynamic_int8_linear);
+  VITK_IMPL(m, "int4_int8_linear", vitk::Backend::kCpu, &vitk::cpu::int4_int8_linear);
+}

@@ -1,0 +1,183 @@
+// CPU kernel of svt_spectral_mix: SVT's whole spectral layer (DTCWT, lowpass weighting, complex
+// block MLP over the six highpass orientations, inverse DTCWT) on channels-last x [B, H, W, C].
+//
+// The unit of work is one image: its C planes are analysed one by one (vitk/dtcwt_plane.h), the
+// weighted lowpass kept per channel and the highpass written position-major ([6 h w][C], real and
+// imaginary apart) into a per-thread buffer, so each position's channel vector is contiguous for
+// the MLP, which then runs in place, block by block, with both layers' outputs held in registers.
+// The synthesis reads that buffer back per channel and writes the output straight into [H, W, C].
+// x is read once and the output written once; the [B, C, 6, H/2, W/2, 2] highpass never exists,
+// only one image's share of it (C * 6 * H/2 * W/2 * 2 values, about 2.4 MB at SVT-S stage 1),
+// which stays in the core's cache hierarchy.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <vector>
+
+#include "vitk/checks.h"
+#include "vitk/dtcwt_plane.h"
+#include "vitk/registration.h"
+#include "vitk/spectral.h"
+
+namespace vitk {
+namespace cpu {
+namespace {
+
+constexpr std::initializer_list<at::ScalarType> kFloatTypes = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
+
+void check_param(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape,
+                 const char* layout) {
+  check_dtype_in(t, name, kFloatTypes);
+  check_same_device(x, "x", t, name);
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", layout, " = ", shape, ", got ", t.sizes());
+}
+
+// A parameter as a contiguous acc_t copy (they are small: C * H * W at most).
+template <typename acc_t>
+std::vector<acc_t> to_acc(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  std::vector<acc_t> out(static_cast<size_t>(c.numel()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "svt_param", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<acc_t>(p[i]);
+  });
+  return out;
+}
+
+// One complex block layer on the channel vector (zr, zi) of one position, block n:
+// (yr + i yi) = (zr + i zi)(Wr + i Wi) + (br + i bi), over the block's bs channels.
+template <typename acc_t>
+inline void complex_layer(const acc_t* zr, const acc_t* zi, const acc_t* wr, const acc_t* wi, const acc_t* br,
+                          const acc_t* bi, int64_t bs, acc_t* __restrict yr, acc_t* __restrict yi) {
+#pragma omp simd
+  for (int64_t k = 0; k < bs; ++k) {
+    yr[k] = br[k];
+    yi[k] = bi[k];
+  }
+  for (int64_t d = 0; d < bs; ++d) {
+    const acc_t a = zr[d], b = zi[d];
+    const acc_t* __restrict r = wr + d * bs;
+    const acc_t* __restrict i = wi + d * bs;
+#pragma omp simd
+    for (int64_t k = 0; k < bs; ++k) {
+      yr[k] += a * r[k] - b * i[k];
+      yi[k] += a * i[k] + b * r[k];
+    }
+  }
+}
+
+template <typename scalar_t>
+at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+                    const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t nb = weight_1.size(1), bs = weight_1.size(2), h = H / 2, w = W / 2, npos = 6 * h * w;
+  at::Tensor out = at::empty({B, H, W, C}, x.options());
+  if (out.numel() == 0) return out;
+  const std::vector<acc_t> wll = to_acc<acc_t>(weight_ll), w1 = to_acc<acc_t>(weight_1), b1 = to_acc<acc_t>(bias_1),
+                           w2 = to_acc<acc_t>(weight_2), b2 = to_acc<acc_t>(bias_2);
+  const int64_t wstride = nb * bs * bs, bstride = nb * bs;  // real -> imaginary part of a weight / bias
+  const auto fwd = dtcwt::analysis_bank<acc_t>();
+  const auto inv = dtcwt::synthesis_bank<acc_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const int64_t sB = x.stride(0), sH = x.stride(1), sW = x.stride(2), sC = x.stride(3);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1_) {
+    dtcwt::Scratch<acc_t> s;
+    std::vector<acc_t> low(static_cast<size_t>(C * H * W)), zr(static_cast<size_t>(npos * C)),
+        zi(static_cast<size_t>(npos * C)), hr(static_cast<size_t>(bs)), hi(static_cast<size_t>(bs));
+    for (int64_t b = b0; b < b1_; ++b) {
+      const scalar_t* img = xp + b * sB;
+      scalar_t* dst = op + b * H * W * C;
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* lc = low.data() + c * H * W;
+        const acc_t* wc = wll.data() + c * H * W;
+        dtcwt::analysis(
+            H, W, fwd, s,
+            [&](int64_t r, acc_t* row) {
+              const scalar_t* src = img + r * sH + c * sC;
+              for (int64_t j = 0; j < W; ++j) row[j] = static_cast<acc_t>(src[j * sW]);
+            },
+            [&](int64_t r, const acc_t* row) {
+              for (int64_t j = 0; j < W; ++j) lc[r * W + j] = row[j] * wc[r * W + j];
+            },
+            [&](int o, int64_t i, const acc_t* row) {
+              const int64_t p0 = (o * h + i) * w;
+              for (int64_t j = 0; j < w; ++j) {
+                zr[(p0 + j) * C + c] = row[2 * j];
+                zi[(p0 + j) * C + c] = row[2 * j + 1];
+              }
+            });
+      }
+      for (int64_t p = 0; p < npos; ++p) {
+        acc_t* pr = zr.data() + p * C;
+        acc_t* pi = zi.data() + p * C;
+        for (int64_t n = 0; n < nb; ++n) {
+          const int64_t wo = n * bs * bs, bo = n * bs;
+          complex_layer(pr + n * bs, pi + n * bs, w1.data() + wo, w1.data() + wstride + wo, b1.data() + bo,
+                        b1.data() + bstride + bo, bs, hr.data(), hi.data());
+          for (int64_t k = 0; k < bs; ++k) {
+            // max(v, 0) written so that a NaN stays NaN, as torch.relu keeps it.
+            hr[k] = hr[k] < acc_t(0) ? acc_t(0) : hr[k];
+            hi[k] = hi[k] < acc_t(0) ? acc_t(0) : hi[k];
+          }
+          complex_layer(hr.data(), hi.data(), w2.data() + wo, w2.data() + wstride + wo, b2.data() + bo,
+                        b2.data() + bstride + bo, bs, pr + n * bs, pi + n * bs);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* lc = low.data() + c * H * W;
+        dtcwt::synthesis(
+            H, W, inv, s, [&](int64_t r, acc_t* row) { std::copy(lc + r * W, lc + (r + 1) * W, row); },
+            [&](int o, int64_t i, acc_t* row) {
+              const int64_t p0 = (o * h + i) * w;
+              for (int64_t j = 0; j < w; ++j) {
+                row[2 * j] = zr[(p0 + j) * C + c];
+                row[2 * j + 1] = zi[(p0 + j) * C + c];
+              }
+            },
+            [&](int64_t r, const acc_t* row) {
+              scalar_t* d = dst + r * W * C + c;
+              for (int64_t j = 0; j < W; ++j) d[j * C] = static_cast<scalar_t>(row[j]);
+            });
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+                            const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
+  check_dtype_in(x, "x", kFloatTypes);
+  check_device_type(x, "x", c10::DeviceType::CPU);
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected 4 dimensions [B, H, W, C], got shape ", x.sizes());
+  const int64_t H = x.size(1), W = x.size(2), C = x.size(3);
+  TORCH_CHECK_VALUE(H > 0 && W > 0 && H % 2 == 0 && W % 2 == 0,
+                    "x: expected even, non-zero H and W (weight_ll is sized for the even grid), got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(weight_1.dim() == 4, "weight_1: expected 4 dimensions [2, nb, bs, bs], got shape ",
+                    weight_1.sizes());
+  const int64_t nb = weight_1.size(1), bs = weight_1.size(2);
+  TORCH_CHECK_VALUE(nb * bs == C && nb > 0, "weight_1: expected nb * bs = C = ", C, ", got shape ",
+                    weight_1.sizes());
+  check_param(weight_ll, "weight_ll", x, {C, H, W}, "[C, H, W]");
+  check_param(weight_1, "weight_1", x, {2, nb, bs, bs}, "[2, nb, bs, bs]");
+  check_param(bias_1, "bias_1", x, {2, nb, bs}, "[2, nb, bs]");
+  check_param(weight_2, "weight_2", x, {2, nb, bs, bs}, "[2, nb, bs, bs]");
+  check_param(bias_2, "bias_2", x, {2, nb, bs}, "[2, nb, bs]");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "svt_spectral_mix", [&] {
+    return svt_impl<scalar_t>(x, weight_ll, weight_1, bias_1, weight_2, bias_2);
+  });
+}
+
+}  // namespace cpu
+}  // namespace vitk
+
+TORCH_LIBRARY_IMPL(vitk, CPU, m) {
+  VITK_IMPL(m, "svt_spectral_mix", vitk::Backend::kCpu, &vitk::cpu::svt_spectral_mix);
+}

@@ -1,0 +1,476 @@
+// The lowbit family's inner loops, torch-free so the C++ unit test builds them for both CPU targets
+// (-march=native and the portable x86-64-v2) and holds each to plain loops.
+//
+// Integer GEMM (int8_linear, dynamic_int8_linear, int4_int8_linear). Weights are stored in blocks of
+// 16 output channels, one 64-byte row per 4 values of k ("k-quad"): block b, k-quad q holds
+// w[16b + j][4q + i] at byte 4j + i, which is exactly the operand layout of AVX-512 VNNI's vpdpbusd
+// (lane j accumulates the dot product of 4 bytes). A last 64-byte row holds 16 int32 per-channel
+// corrections. vpdpbusd multiplies unsigned by signed bytes, so one side is made unsigned:
+//   * int8 activations: x + 128 (or the uint8 asymmetric codes) times signed weights; the zero point
+//     comes back as acc - zp[m] * rowsum(w_q)[n], the correction row holding rowsum(w_q);
+//   * int4 weights with int8 activations: the weights' 4-bit codes c + 8 in 0..15 times signed x,
+//     corrected by acc - 8 * rowsum(x_q)[m] (the correction row holds ones).
+// A micro-tile of MR rows x NR blocks keeps its MR x NR int32 accumulators in registers over the whole
+// of K (k stepped by 4), then converts, scales, adds the bias, applies the activation and stores,
+// so the int32 sums never reach memory. Without VNNI the same layouts go through plain loops.
+//
+// Float GEMM over decoded weights (int4_linear, shift_linear): a dot-product tile (MR rows of x
+// against NR decoded weight rows, 16 values of k per vector), fp32 accumulation.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define VITK_LOWBIT_VNNI 1
+#else
+#define VITK_LOWBIT_VNNI 0
+#endif
+
+#if defined(__BMI2__)
+#include <immintrin.h>
+#endif
+
+namespace vitk {
+namespace lowbit {
+
+constexpr int kBlockN = 16;      // output channels per weight block
+constexpr int kQuadBytes = 64;   // one k-quad of a block
+// The most columns of K an int32 accumulator can take: |255 * 128| per product (uint8 x int8 with the
+// +128 shift), so K * 32640 < 2^31.
+constexpr int64_t kMaxK = 65536;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Bytes of one block of blocked int8 weights: ceil(K/4) k-quads plus the correction row.
+inline int64_t block_bytes(int64_t K) { return (ceil_div(K, 4) + 1) * kQuadBytes; }
+
+enum class Act : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#if VITK_LOWBIT_VNNI
+// acc += dot4(a unsigned bytes, b signed bytes) per int32 lane, in place. Written as asm with a
+// read-write operand because GCC, given the intrinsic's three-operand form, keeps a tile's
+// accumulators on the stack (two spills per vpdpbusd: half the speed).
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+#endif
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+// Every lane x, one broadcast (v16f{} + x would add 0.f first, since -0.f + 0.f is +0.f; a loop over the
+// lanes becomes 16 masked broadcasts).
+inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline v16f select(v16i mask, v16f a, v16f b) { return mask ? a : b; }
+
+// ---------------------------------------------------------------- activations (fp32, 16 lanes)
+// exp by range reduction to [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (about 1 ulp).
+inline v16f exp16(v16f x) {
+  x = select(x > 88.72f, splat(88.72f), x);
+  x = select(x < -87.33f, splat(-87.33f), x);
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, half to even
+  v16f n = (x * 1.44269504088896341f + magic) - magic;
+  v16f r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16f p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  v16f two_n;
+  std::memcpy(&two_n, &e, sizeof(e));
+  return p * two_n;
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), odd-extended.
+inline v16f erf16(v16f x) {
+  v16f a = select(x < 0.f, -x, x);
+  v16f t = 1.f / (1.f + 0.3275911f * a);
+  v16f p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  v16f y = 1.f - p * exp16(-a * a);
+  return select(x < 0.f, -y, y);
+}
+
+inline v16f tanh16(v16f u) {
+  u = select(u > 9.f, splat(9.f), u);
+  u = select(u < -9.f, splat(-9.f), u);
+  v16f e = exp16(2.f * u);
+  return (e - 1.f) / (e + 1.f);
+}
+
+// NaN stays NaN through every branch (the clamps above compare false for it, and so does v < 0).
+inline v16f activate(v16f v, Act act) {
+  switch (act) {
+    case Act::kRelu: return select(v < 0.f, splat(0.f), v);
+    case Act::kGelu: return 0.5f * v * (1.f + erf16(v * 0.70710678118654752f));
+    case Act::kGeluTanh: return 0.5f * v * (1.f + tanh16(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v;
+  }
+}
+
+// ---------------------------------------------------------------- per-token quantization
+struct RowQuant {
+  float scale;
+  int32_t zero_point;
+};
+
+// Quantizes one fp32 row of K values into q (int8 when symmetric, else uint8 codes stored in the
+// same bytes). Symmetric: scale = amax|x| / 127, q = clamp(round(x / scale), -127, 127). Asymmetric:
+// the range [min(x, 0), max(x, 0)] over 255 steps, zero point round(-lo / scale) in 0..255. round is
+// half to even; x / scale is a true division, as the reference's. A scale that would be 0 (a zero
+// row, or one so small the division underflows) is 1. A row holding NaN or an infinity gets q = 0,
+// zero point 0 and scale NaN, so every output computed from it is NaN.
+// flip is xor-ed into every stored code (0x80 turns int8 codes into the biased uint8 VNNI operand).
+inline RowQuant quantize_row(const float* x, int64_t K, bool symmetric, uint8_t* q, uint8_t flip = 0) {
+  const int64_t K16 = K / 16 * 16;
+  v16f vmax = splat(0.f), vmin = splat(0.f), bad = splat(0.f);
+  for (int64_t k = 0; k < K16; k += 16) {
+    v16f v = load16(x + k);
+    bad += v - v;  // NaN as soon as one value is NaN or infinite
+    vmax = select(v > vmax, v, vmax);
+    vmin = select(v < vmin, v, vmin);
+  }
+  float hi = 0.f, lo = 0.f, nonfinite = 0.f;
+  for (int l = 0; l < 16; ++l) {
+    hi = std::max(hi, vmax[l]);
+    lo = std::min(lo, vmin[l]);
+    nonfinite += bad[l];
+  }
+  for (int64_t k = K16; k < K; ++k) {
+    nonfinite += x[k] - x[k];
+    hi = std::max(hi, x[k]);
+    lo = std::min(lo, x[k]);
+  }
+  if (nonfinite != 0.f) {
+    std::memset(q, flip, K);
+    return {std::nanf(""), 0};
+  }
+  const float magic = 12582912.f;
+  float scale;
+  int32_t zp = 0;
+  if (symmetric) {
+    scale = std::max(hi, -lo) / 127.f;
+  } else {
+    scale = (hi - lo) / 255.f;
+  }
+  if (scale == 0.f) scale = 1.f;
+  if (!symmetric) {
+    float z = (-lo / scale + magic) - magic;
+    zp = static_cast<int32_t>(std::min(std::max(z, 0.f), 255.f));
+  }
+  const float qlo = symmetric ? -127.f : 0.f, qhi = symmetric ? 127.f : 255.f;
+  const float zf = static_cast<float>(zp);
+  auto code = [&](v16f v) {
+    v16f r = (v / scale + magic) - magic + zf;
+    r = select(r < qlo, splat(qlo), r);
+    r = select(r > qhi, splat(qhi), r);
+    return __builtin_convertvector(r, v16i);
+  };
+  typedef uint8_t v16b __attribute__((vector_size(16)));
+  const v16b vflip = v16b{} + flip;
+  for (int64_t k = 0; k < K16; k += 16) {
+    const v16b c = __builtin_convertvector(code(load16(x + k)), v16b) ^ vflip;
+    std::memcpy(q + k, &c, 16);
+  }
+  if (K16 < K) {
+    float tail[16] = {};
+    std::memcpy(tail, x + K16, (K - K16) * sizeof(float));
+    const v16b c = __builtin_convertvector(code(load16(tail)), v16b) ^ vflip;
+    std::memcpy(q + K16, &c, K - K16);
+  }
+  return {scale, zp};
+}
+
+// ---------------------------------------------------------------- integer micro-tile
+// Per-row inputs of a tile: the row's packed bytes (ceil(K/4) * 4 of them, the pad zero-contributing),
+// its correction factor (acc - rowc * colc[n]), its fp32 scale, and where its outputs go.
+struct IntRows {
+  const uint8_t* a[6];
+  int32_t rowc[6];
+  float scale[6];
+  float* out[6];  // fp32 staging of MR x (16 * NR) outputs before the store
+};
+
+// Epilogue of one 16-channel vector: scale, bias, activation.
+struct Epilogue {
+  const float* w_scale;  // per output channel, or null (1)
+  const float* bias;     // per output channel, or null
+  Act act;
+};
+
+inline v16f finish(v16f v, float row_scale, const Epilogue& ep, int64_t n0, int valid) {
+  v16f ws = splat(1.f), bs = splat(0.f);
+  if (valid == 16) {
+    if (ep.w_scale) ws = load16(ep.w_scale + n0);
+    if (ep.bias) bs = load16(ep.bias + n0);
+  } else {
+    for (int l = 0; l < valid; ++l) {
+      if (ep.w_scale) ws[l] = ep.w_scale[n0 + l];
+      if (ep.bias) bs[l] = ep.bias[n0 + l];
+    }
+  }
+  v = v * row_scale * ws;
+  if (ep.bias) v = v + bs;
+  return activate(v, ep.act);
+}
+
+// MR rows x NR weight blocks over KQ k-quads. weight_unsigned: the weight bytes are the unsigned
+// operand (int4 codes) and the activations the signed one; otherwise the reverse.
+template <int MR, int NR, bool weight_unsigned>
+inline void int8_tile(const IntRows& rows, const int8_t* w, int64_t block_stride, int64_t KQ, int64_t n0, int64_t N,
+                      const Epilogue& ep) {
+#if VITK_LOWBIT_VNNI
+  __m512i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* a[MR];
+  for (int i = 0; i < MR; ++i) a[i] = rows.a[i];
+  for (int64_t q = 0; q < KQ; ++q) {
+    __m512i wv[NR];
+    for (int j = 0; j < NR; ++j)
+      wv[j] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + j * block_stride + q * kQuadBytes));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t a4;
+      std::memcpy(&a4, a[i] + 4 * q, 4);
+      const __m512i xb = _mm512_set1_epi32(a4);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] = weight_unsigned ? dpbusd(acc[i][j], wv[j], xb) : dpbusd(acc[i][j], xb, wv[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m512i colc = _mm512_loadu_si512(reinterpret_cast<const void*>(w + j * block_stride + KQ * kQuadBytes));
+    const int64_t nj = n0 + 16 * j;
+    const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
+    for (int i = 0; i < MR; ++i) {
+      __m512i c = _mm512_sub_epi32(acc[i][j], _mm512_mullo_epi32(_mm512_set1_epi32(rows.rowc[i]), colc));
+      v16f v = finish(reinterpret_cast<v16f>(_mm512_cvtepi32_ps(c)), rows.scale[i], ep, nj, valid);
+      std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
+    }
+  }
+#else
+  int32_t acc[MR][NR][16] = {};
+  for (int64_t q = 0; q < KQ; ++q)
+    for (int j = 0; j < NR; ++j) {
+      const int8_t* wq = w + j * block_stride + q * kQuadBytes;
+      for (int i = 0; i < MR; ++i) {
+        const uint8_t* a = rows.a[i] + 4 * q;
+        for (int l = 0; l < 16; ++l) {
+          int32_t s = 0;
+          for (int t = 0; t < 4; ++t) {
+            const int32_t wb = weight_unsigned ? static_cast<int32_t>(static_cast<uint8_t>(wq[4 * l + t]))
+                                               : static_cast<int32_t>(wq[4 * l + t]);
+            const int32_t ab = weight_unsigned ? static_cast<int32_t>(static_cast<int8_t>(a[t]))
+                                               : static_cast<int32_t>(a[t]);
+            s += wb * ab;
+          }
+          acc[i][j][l] += s;
+        }
+      }
+    }
+  for (int j = 0; j < NR; ++j) {
+    int32_t colc[16];
+    std::memcpy(colc, w + j * block_stride + KQ * kQuadBytes, sizeof(colc));
+    const int64_t nj = n0 + 16 * j;
+    const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
+    for (int i = 0; i < MR; ++i) {
+      v16f v;
+      for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(acc[i][j][l] - rows.rowc[i] * colc[l]);
+      v = finish(v, rows.scale[i], ep, nj, valid);
+      std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------- float micro-tile over a decoded panel
+// The panel holds 16 * NR decoded output channels for every k, k-major: panel[k * ldp + c]. A tile of
+// MR rows of x keeps MR x NR vectors of 16 fp32 sums in registers over the whole of K: per k, NR panel
+// loads, MR broadcasts of x[i][k] and MR * NR fused multiply-adds (an outer product, as sgemm does).
+template <int MR, int NR>
+inline void f32_tile(const float* const* x, const float* panel, int64_t ldp, int64_t K, v16f (*out)[NR]) {
+  v16f acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = splat(0.f);
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = x[i];
+  for (int64_t k = 0; k < K; ++k) {
+    v16f wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = load16(panel + k * ldp + 16 * j);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const v16f xb = splat(xr[i][k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i][j] += xb * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
+}
+
+// ---------------------------------------------------------------- weight decoding
+// 4-bit code of k in a packed row (low nibble = even k).
+inline int nibble(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
+
+// Column j of a k-major panel (panel[k * ldp + j], K values) from one packed row of 4-bit codes through
+// a 16-entry table, one table per group of G values of k (tables[g * 16 + code]).
+inline void decode_column(const uint8_t* row, int64_t K, int64_t G, const float* tables, float* panel, int64_t ldp) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    const float* t = tables + g * 16;
+    for (int64_t i = g * G / 2; i < (g + 1) * G / 2; ++i) {
+      const uint8_t b = row[i];
+      panel[(2 * i) * ldp] = t[b & 15];
+      panel[(2 * i + 1) * ldp] = t[b >> 4];
+    }
+  }
+}
+
+// The 16 values of int4_linear's codes in one group: (code - zero) * scale, or signed codes * scale.
+inline void int4_table(float scale, const float* zero, float* t) {
+  for (int c = 0; c < 16; ++c)
+    t[c] = zero ? (static_cast<float>(c) - *zero) * scale : static_cast<float>(c < 8 ? c : c - 16) * scale;
+}
+
+// The powers of two of shift_linear's codes: 0 and 8 are zero, 1..7 are 2^-(c-1), 9..15 are -2^-(c-9).
+inline void shift_table(float* t) {
+  for (int c = 0; c < 16; ++c) {
+    const int mag = c & 7;
+    t[c] = mag == 0 ? 0.f : std::ldexp(c < 8 ? 1.f : -1.f, -(mag - 1));
+  }
+}
+
+// ---------------------------------------------------------------- small-M kernels (weights read once)
+// For a few rows of x the GEMM is bound by reading the weights, so these decode the packed rows in
+// registers and never write a decoded weight: x is first laid out "deinterleaved" per chunk of 2C values
+// of k (the C even k, then the C odd k), matching a chunk of C packed bytes whose low nibbles are the
+// even k and high nibbles the odd k. The k past the last whole chunk stay in order.
+template <typename T>
+inline void deinterleave(const T* x, int64_t K, int64_t C, T* out) {
+  const int64_t KC = K / (2 * C) * (2 * C);
+  for (int64_t c = 0; c < KC; c += 2 * C)
+    for (int64_t i = 0; i < C; ++i) {
+      out[c + i] = x[c + 2 * i];
+      out[c + C + i] = x[c + 2 * i + 1];
+    }
+  for (int64_t k = KC; k < K; ++k) out[k] = x[k];
+}
+
+#if VITK_LOWBIT_VNNI
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// out[m] = sum_k x[m][k] * table_g(code[k]) for MT rows (x deinterleaved by 16), one packed row of
+// codes; the table of 16 values changes every G values of k (a vpermps from a register per 16 codes).
+template <int MT>
+inline void f32_row_dot(const float* const* xd, const uint8_t* row, int64_t K, int64_t G, const float* tables,
+                        float* out) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const int64_t K32 = K / 32 * 32;
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 tbl = _mm512_loadu_ps(tables);
+  int64_t next_group = G;
+  for (int64_t k = 0; k < K32; k += 32) {
+    if (k >= next_group) {
+      tbl = _mm512_loadu_ps(tables + (k / G) * 16);
+      next_group = (k / G + 1) * G;
+    }
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m512 we = _mm512_permutexvar_ps(_mm512_and_si512(v, low), tbl);
+    const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tbl);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xd[m] + k), acc[m]);
+      acc[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xd[m] + k + 16), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    float s = hsum(acc[m]);
+    for (int64_t k = K32; k < K; ++k) s += xd[m][k] * tables[(k / G) * 16 + ((row[k >> 1] >> ((k & 1) * 4)) & 15)];
+    out[m] = s;
+  }
+}
+
+// out[m] = sum_k x_q[m][k] * (code[k] + 8) for MT rows of int8 x (deinterleaved by 64), one packed row of
+// signed 4-bit codes (their unsigned form, the nibble xor 8, is vpdpbusd's unsigned operand).
+template <int MT>
+inline void int4_row_dot(const int8_t* const* xd, const uint8_t* row, int64_t K, int32_t* out) {
+  __m512i acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_si512();
+  const int64_t K128 = K / 128 * 128;
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+  for (int64_t k = 0; k < K128; k += 128) {
+    const __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(row + k / 2));
+    const __m512i we = _mm512_xor_si512(_mm512_and_si512(b, low), eight);
+    const __m512i wo = _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(b, 4), low), eight);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = dpbusd(acc[m], we, _mm512_loadu_si512(reinterpret_cast<const void*>(xd[m] + k)));
+      acc[m] = dpbusd(acc[m], wo, _mm512_loadu_si512(reinterpret_cast<const void*>(xd[m] + k + 64)));
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    int32_t s = _mm512_reduce_add_epi32(acc[m]);
+    for (int64_t k = K128; k < K; ++k) s += static_cast<int32_t>(xd[m][k]) * (((row[k >> 1] >> ((k & 1) * 4)) & 15) ^ 8);
+    out[m] = s;
+  }
+}
+#endif
+
+// Blocked int8 weights of rows [n0, n0 + 16) from 4-bit codes, as the unsigned operand: code + 8
+// of the signed code (= the nibble xor 8), the correction row all ones. Rows past N and k past K are 0.
+inline void block_int4_codes(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t N, int64_t K, uint8_t* blk) {
+  const int64_t KQ = ceil_div(K, 4), K4 = K / 4;
+  if (n0 + 16 > N || K4 < KQ) std::memset(blk, 0, KQ * kQuadBytes);
+  for (int j = 0; j < 16 && n0 + j < N; ++j) {
+    const uint8_t* row = w + (n0 + j) * row_bytes;
+    uint8_t* dst = blk + 4 * j;
+    // Two packed bytes (4 codes) become 4 bytes, one per code, each xor 8.
+    for (int64_t q = 0; q < K4; ++q) {
+      uint32_t v = static_cast<uint32_t>(row[2 * q]) | (static_cast<uint32_t>(row[2 * q + 1]) << 8);
+#if defined(__BMI2__)
+      v = _pdep_u32(v, 0x0F0F0F0Fu);
+#else
+      v = (v & 0xFu) | ((v & 0xF0u) << 4) | ((v & 0xF00u) << 8) | ((v & 0xF000u) << 12);
+#endif
+      v ^= 0x08080808u;
+      std::memcpy(dst + q * kQuadBytes, &v, 4);
+    }
+    for (int64_t k = 4 * K4; k < K; ++k) dst[(k >> 2) * kQuadBytes + (k & 3)] = static_cast<uint8_t>(nibble(row, k) ^ 8);
+  }
+  int32_t ones[16];
+  for (int l = 0; l < 16; ++l) ones[l] = 1;
+  std::memcpy(blk + KQ * kQuadBytes, ones, sizeof(ones));
+}
+
+// Blocked int8 weights of rows [n0, n0 + 16) of a row-major [N, K] int8 matrix, with rowsum(w) in the
+// correction row.
+inline void block_int8(const int8_t* w, int64_t row_stride, int64_t n0, int64_t N, int64_t K, int8_t* blk) {
+  const int64_t KQ = ceil_div(K, 4);
+  std::memset(blk, 0, KQ * kQuadBytes);
+  int32_t sums[16] = {};
+  for (int j = 0; j < 16 && n0 + j < N; ++j) {
+    const int8_t* row = w + (n0 + j) * row_stride;
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      blk[(k >> 2) * kQuadBytes + 4 * j + (k & 3)] = row[k];
+      s += row[k];
+    }
+    sums[j] = s;
+  }
+  std::memcpy(blk + KQ * kQuadBytes, sums, sizeof(sums));
+}
+
+}  // namespace lowbit
+}  // namespace vitk
