@@ -43,7 +43,10 @@ def segment_sums(x: torch.Tensor) -> torch.Tensor:
     path holds -inf, +inf when it holds +inf, NaN when it holds NaN or both infinities.
     """
     finite = torch.isfinite(x)
-    c = torch.cumsum(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), dim=-1)
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    # The prefix sum starts after x[..., 0], which no path holds: its gradient is then exactly 0, not
+    # the residue (or NaN, when a pair's dS is NaN) of a difference that cancels it.
+    c = torch.cat([torch.zeros_like(xf[..., :1]), torch.cumsum(xf[..., 1:], dim=-1)], dim=-1)
     diff = c[..., :, None] - c[..., None, :]
     L = x.shape[-1]
     lower = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()

@@ -58,9 +58,13 @@ def _table_args(t: torch.Tensor) -> dict:
     return dict(s_t0=t.stride(0), s_t1=t.stride(2), s_t2=t.stride(3), s_th=t.stride(1))
 
 
-def _reverse_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """y[i] = sum_{t >= i} x[t]: the gradient of a prefix sum."""
-    return torch.flip(torch.cumsum(torch.flip(x, (dim,)), dim), (dim,))
+def _path_cell_grad(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The decay cells' gradient from that of their prefix sums along dim: y[i] = sum_{t >= i} x[t],
+    except y[0] = 0. A path covers (min, max], so a line's first cell is on none: its gradient is
+    exactly 0, not the residue (or NaN, when some pair's dS is NaN) of a sum that cancels."""
+    y = torch.flip(torch.cumsum(torch.flip(x, (dim,)), dim), (dim,))
+    y.narrow(dim, 0, 1).zero_()
+    return y
 
 
 def _decay_grad(grad: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
@@ -153,8 +157,8 @@ def polyline_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         dq, dk, dv = (t[0] for t in grads)
     if not decay_grad:
         return dq, dk, dv, _empty(q), _empty(q)
-    dla = _decay_grad(_reverse_cumsum(dA, 3).permute(0, 2, 3, 1), log_alpha)
-    dlb = _decay_grad(_reverse_cumsum(dC, 2).permute(0, 2, 3, 1), log_beta)
+    dla = _decay_grad(_path_cell_grad(dA, 3).permute(0, 2, 3, 1), log_alpha)
+    dlb = _decay_grad(_path_cell_grad(dC, 2).permute(0, 2, 3, 1), log_beta)
     return dq, dk, dv, dla, dlb
 
 
@@ -251,7 +255,7 @@ def _axial_bwd_one(grad_out, q, k, v, log_decay, out, lse, axis, scale, decay_gr
                             length, scale, mod, dT)
     if not decay_grad:
         return dq, dk, dv, _empty(q)
-    dd = _reverse_cumsum(dT, 3)                                   # [B, heads, lines, length]
+    dd = _path_cell_grad(dT, 3)                                   # [B, heads, lines, length]
     dd = dd.permute(0, 2, 3, 1) if axis == 2 else dd.permute(0, 3, 2, 1)
     return dq, dk, dv, _decay_grad(dd, log_decay)
 
