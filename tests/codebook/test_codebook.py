@@ -107,6 +107,11 @@ def test_argmin_large_codebook(backend, device, exact, run_on):
 @pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
 def test_argmin_ties_go_to_lowest_index(backend, device, cosine, exact, run_on):
+    if backend == "triton" and device == "cpu" and not exact:
+        # Equal codes tie only if their cross terms z.e round alike. The interpreter runs tl.dot as
+        # numpy's BLAS sgemm, whose edge micro-kernels sum a tile's columns in different orders (seen on
+        # AVX2 OpenBLAS): the fast path's ties then fall to rounding. The exact path re-ranks directly.
+        pytest.skip("fast ties need a per-element fixed summation order, which the interpreter's tl.dot lacks")
     K, D = 150, 6
     cb = torch.randn(K, D, device=device)
     # Exact duplicates far apart in K (different SIMD lanes, tiles and K-splits) and a scaled copy,

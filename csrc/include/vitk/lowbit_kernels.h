@@ -30,7 +30,7 @@
 #define VITK_LOWBIT_VNNI 0
 #endif
 
-#if defined(__BMI2__)
+#if defined(__BMI2__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -258,6 +258,49 @@ inline void int8_tile(const IntRows& rows, const int8_t* w, int64_t block_stride
       __m512i c = _mm512_sub_epi32(acc[i][j], _mm512_mullo_epi32(_mm512_set1_epi32(rows.rowc[i]), colc));
       v16f v = finish(reinterpret_cast<v16f>(_mm512_cvtepi32_ps(c)), rows.scale[i], ep, nj, valid);
       std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
+    }
+  }
+#elif defined(__AVX2__)
+  // No vpdpbusd, and vpmaddubsw's int16 pair sums would saturate (255 * 128 * 2 > 2^15): both
+  // operands are widened to int16 and multiplied by vpmaddwd, which is exact. Widened, 16 bytes of a
+  // k-quad row (4 channels x 4 k) fill a ymm; against the row's 4 activation values repeated, int32
+  // lane 2c holds channel c's k 0-1 and lane 2c+1 its k 2-3, folded after the K loop. A row then
+  // keeps 4 ymm accumulators per weight block: rows go two at a time (8 accumulators, 4 weight
+  // registers) to stay within AVX2's 16 registers.
+  for (int i0 = 0; i0 < MR; i0 += 2) {
+    const int nrows = std::min(2, MR - i0);
+    for (int j = 0; j < NR; ++j) {
+      __m256i acc[2][4];
+      for (int r = 0; r < 2; ++r)
+        for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_si256();
+      const int8_t* wj = w + j * block_stride;
+      for (int64_t q = 0; q < KQ; ++q) {
+        __m256i wv[4];
+        for (int t = 0; t < 4; ++t) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wj + q * kQuadBytes + 16 * t));
+          wv[t] = weight_unsigned ? _mm256_cvtepu8_epi16(b) : _mm256_cvtepi8_epi16(b);
+        }
+        for (int r = 0; r < nrows; ++r) {
+          int32_t a4;
+          std::memcpy(&a4, rows.a[i0 + r] + 4 * q, 4);
+          const __m128i ab = _mm_cvtsi32_si128(a4);
+          const __m256i av = _mm256_broadcastq_epi64(weight_unsigned ? _mm_cvtepi8_epi16(ab) : _mm_cvtepu8_epi16(ab));
+          for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(wv[t], av));
+        }
+      }
+      int32_t colc[16];
+      std::memcpy(colc, wj + KQ * kQuadBytes, sizeof(colc));
+      const int64_t nj = n0 + 16 * j;
+      const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
+      for (int r = 0; r < nrows; ++r) {
+        int32_t half[32];
+        for (int t = 0; t < 4; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half + 8 * t), acc[r][t]);
+        const int i = i0 + r;
+        v16f v;
+        for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(half[2 * l] + half[2 * l + 1] - rows.rowc[i] * colc[l]);
+        v = finish(v, rows.scale[i], ep, nj, valid);
+        std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
+      }
     }
   }
 #else
