@@ -104,7 +104,10 @@ def test_state_dict_round_trip():
 
 
 def test_compile_fullgraph_deit_s():
-    m = deit_small_patch16_224(num_classes=10).eval()
+    # DeiT-S's widths with 4 of its 12 blocks: every block is the same code, so fullgraph and the
+    # recompile check cover the model, while 12 random-init blocks amplify rounding flips (below) by
+    # an amount that depends on the CPU's vector width (5.4e-2 on AVX2, under 5e-2 on AVX-512).
+    m = VisionTransformer(embed_dim=384, depth=4, num_heads=6, num_classes=10).eval()
     x = images(1, 224)
     state = quant.calibrate(m, [x])
     quant.quantize_(m, quant.Int8DynamicConfig(attn_bits=4), state)
@@ -115,9 +118,10 @@ def test_compile_fullgraph_deit_s():
         got = compiled(x)
         compiled(images(1, 224, seed=7))
     # Inductor's fused LayerNorm / GELU round differently in the last bit (1e-7: fp32 DeiT compiles to
-    # 6.5e-7 of eager); the few per-token int8 codes that sit on a rounding tie then flip, and 12
-    # random-init blocks amplify that (int8 linear layers alone, 4 blocks: 1.1e-2).
-    assert rel_err(got, eager) <= 5e-2
+    # 6.5e-7 of eager); the few per-token int8 codes that sit on a rounding tie then flip, and the
+    # random-init blocks amplify that (these 4: 1.1e-2 on AVX2).
+    err = rel_err(got, eager)
+    assert err <= 5e-2, err
 
 
 def test_nothing_to_quantize_gives_a_report():

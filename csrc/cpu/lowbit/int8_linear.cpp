@@ -91,9 +91,20 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   const int64_t M = p.M, KQ = lb::ceil_div(K, 4), bb = lb::block_bytes(K);
   const int64_t NB = lb::ceil_div(N, lb::kBlockN);
   const bool unsigned_w = w.codes != nullptr;
+#if VITK_LOWBIT_WIDE
+  // The AVX2 kernel's int16 operands: every packed row widened once, each panel's blocks per task.
+  const int64_t wbb = lb::wide_block_bytes(K);
+  std::vector<int16_t> a16(M * p.KP);
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) lb::widen_row(p.a.data() + m * p.KP, p.KP, unsigned_w, a16.data() + m * p.KP);
+  });
+#else
+  const int64_t wbb = 0;
+#endif
   for_each_panel_task(lb::ceil_div(NB, kNR), M, kTaskRows, [&]() {
-    return [&, decoded = std::vector<int8_t>(unsigned_w ? kNR * bb : 0)](int64_t panel, int64_t m0, int64_t m1,
-                                                                            bool new_panel) mutable {
+    return [&, decoded = std::vector<int8_t>(unsigned_w ? kNR * bb : 0),
+            wide = std::vector<int16_t>(kNR * wbb / 2)](int64_t panel, int64_t m0, int64_t m1,
+                                                        bool new_panel) mutable {
       alignas(64) float stage[kMR][kNR * lb::kBlockN];
       const int64_t b0 = panel * kNR;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, NB - b0));
@@ -105,20 +116,30 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
                                  reinterpret_cast<uint8_t*>(decoded.data() + j * bb));
         wb = decoded.data();
       }
+      int64_t stride = bb;
+#if VITK_LOWBIT_WIDE
+      if (new_panel)
+        for (int j = 0; j < nr; ++j) lb::widen_block(wb + j * bb, KQ, unsigned_w, wide.data() + j * wbb / 2);
+      wb = reinterpret_cast<const int8_t*>(wide.data());
+      stride = wbb;
+#endif
       const int64_t n0 = b0 * lb::kBlockN, ncols = std::min<int64_t>(nr * lb::kBlockN, N - n0);
       for (int64_t m = m0; m < m1; m += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
         lb::IntRows rows;
         for (int i = 0; i < mr; ++i) {
           rows.a[i] = p.a.data() + (m + i) * p.KP;
+#if VITK_LOWBIT_WIDE
+          rows.a16[i] = a16.data() + (m + i) * p.KP;
+#endif
           rows.rowc[i] = p.rowc[m + i];
           rows.scale[i] = p.scale[m + i];
           rows.out[i] = stage[i];
         }
         if (unsigned_w)
-          run_tile<true>(mr, nr, rows, wb, bb, KQ, n0, N, ep);
+          run_tile<true>(mr, nr, rows, wb, stride, KQ, n0, N, ep);
         else
-          run_tile<false>(mr, nr, rows, wb, bb, KQ, n0, N, ep);
+          run_tile<false>(mr, nr, rows, wb, stride, KQ, n0, N, ep);
         for (int i = 0; i < mr; ++i) store(out, m + i, n0, stage[i], ncols);
       }
     };

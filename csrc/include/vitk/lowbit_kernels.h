@@ -30,6 +30,13 @@
 #define VITK_LOWBIT_VNNI 0
 #endif
 
+// AVX2 without VNNI: the integer GEMM multiplies int16 copies of both operands (see int8_tile).
+#if !VITK_LOWBIT_VNNI && defined(__AVX2__)
+#define VITK_LOWBIT_WIDE 1
+#else
+#define VITK_LOWBIT_WIDE 0
+#endif
+
 #if defined(__BMI2__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -50,6 +57,9 @@ inline int64_t block_bytes(int64_t K) { return (ceil_div(K, 4) + 1) * kQuadBytes
 enum class Act : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
 
 typedef float v16f __attribute__((vector_size(64)));
+// The 16-lane helpers are forced inline: without AVX-512 a v16f argument is passed in memory, and GCC
+// left them as out-of-line calls through the PLT inside the GEMM epilogue.
+#define VITK_LB_INLINE inline __attribute__((always_inline))
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 #if VITK_LOWBIT_VNNI
@@ -62,21 +72,41 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
 }
 #endif
 
-inline v16f load16(const float* p) {
+VITK_LB_INLINE v16f load16(const float* p) {
   v16f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 // Every lane x, one broadcast (v16f{} + x would add 0.f first, since -0.f + 0.f is +0.f; a loop over the
 // lanes becomes 16 masked broadcasts).
-inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline v16f select(v16i mask, v16f a, v16f b) { return mask ? a : b; }
+VITK_LB_INLINE v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// where_lt(x, y, a, b) = x < y ? a : b per lane (false for NaN, so NaN x keeps b). Without AVX-512,
+// GCC lowers a 16-lane float comparison or select one lane at a time (vcomiss, vcmpltss, a blend per
+// lane: a GELU epilogue took longer than the int8 GEMM before it); two 8-lane halves keep them to
+// vcmpps and vblendvps.
+#if defined(__AVX512F__)
+VITK_LB_INLINE v16f where_lt(v16f x, v16f y, v16f a, v16f b) { return x < y ? a : b; }
+#else
+VITK_LB_INLINE v16f where_lt(v16f x, v16f y, v16f a, v16f b) {
+  typedef float v8f __attribute__((vector_size(32)));
+  v8f xh[2], yh[2], ah[2], bh[2], rh[2];
+  std::memcpy(xh, &x, sizeof(x));
+  std::memcpy(yh, &y, sizeof(y));
+  std::memcpy(ah, &a, sizeof(a));
+  std::memcpy(bh, &b, sizeof(b));
+  for (int h = 0; h < 2; ++h) rh[h] = xh[h] < yh[h] ? ah[h] : bh[h];
+  v16f r;
+  std::memcpy(&r, rh, sizeof(r));
+  return r;
+}
+#endif
+VITK_LB_INLINE v16f where_gt(v16f x, v16f y, v16f a, v16f b) { return where_lt(y, x, a, b); }
 
 // ---------------------------------------------------------------- activations (fp32, 16 lanes)
 // exp by range reduction to [-ln2/2, ln2/2] and Cephes' degree-6 polynomial (about 1 ulp).
-inline v16f exp16(v16f x) {
-  x = select(x > 88.72f, splat(88.72f), x);
-  x = select(x < -87.33f, splat(-87.33f), x);
+VITK_LB_INLINE v16f exp16(v16f x) {
+  x = where_gt(x, splat(88.72f), splat(88.72f), x);
+  x = where_lt(x, splat(-87.33f), splat(-87.33f), x);
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, half to even
   v16f n = (x * 1.44269504088896341f + magic) - magic;
   v16f r = x - n * 0.693359375f;
@@ -95,25 +125,25 @@ inline v16f exp16(v16f x) {
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), odd-extended.
-inline v16f erf16(v16f x) {
-  v16f a = select(x < 0.f, -x, x);
+VITK_LB_INLINE v16f erf16(v16f x) {
+  v16f a = where_lt(x, splat(0.f), -x, x);
   v16f t = 1.f / (1.f + 0.3275911f * a);
   v16f p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
   v16f y = 1.f - p * exp16(-a * a);
-  return select(x < 0.f, -y, y);
+  return where_lt(x, splat(0.f), -y, y);
 }
 
-inline v16f tanh16(v16f u) {
-  u = select(u > 9.f, splat(9.f), u);
-  u = select(u < -9.f, splat(-9.f), u);
+VITK_LB_INLINE v16f tanh16(v16f u) {
+  u = where_gt(u, splat(9.f), splat(9.f), u);
+  u = where_lt(u, splat(-9.f), splat(-9.f), u);
   v16f e = exp16(2.f * u);
   return (e - 1.f) / (e + 1.f);
 }
 
 // NaN stays NaN through every branch (the clamps above compare false for it, and so does v < 0).
-inline v16f activate(v16f v, Act act) {
+VITK_LB_INLINE v16f activate(v16f v, Act act) {
   switch (act) {
-    case Act::kRelu: return select(v < 0.f, splat(0.f), v);
+    case Act::kRelu: return where_lt(v, splat(0.f), splat(0.f), v);
     case Act::kGelu: return 0.5f * v * (1.f + erf16(v * 0.70710678118654752f));
     case Act::kGeluTanh: return 0.5f * v * (1.f + tanh16(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     default: return v;
@@ -139,8 +169,8 @@ inline RowQuant quantize_row(const float* x, int64_t K, bool symmetric, uint8_t*
   for (int64_t k = 0; k < K16; k += 16) {
     v16f v = load16(x + k);
     bad += v - v;  // NaN as soon as one value is NaN or infinite
-    vmax = select(v > vmax, v, vmax);
-    vmin = select(v < vmin, v, vmin);
+    vmax = where_gt(v, vmax, v, vmax);
+    vmin = where_lt(v, vmin, v, vmin);
   }
   float hi = 0.f, lo = 0.f, nonfinite = 0.f;
   for (int l = 0; l < 16; ++l) {
@@ -174,8 +204,8 @@ inline RowQuant quantize_row(const float* x, int64_t K, bool symmetric, uint8_t*
   const float zf = static_cast<float>(zp);
   auto code = [&](v16f v) {
     v16f r = (v / scale + magic) - magic + zf;
-    r = select(r < qlo, splat(qlo), r);
-    r = select(r > qhi, splat(qhi), r);
+    r = where_lt(r, splat(qlo), splat(qlo), r);
+    r = where_gt(r, splat(qhi), splat(qhi), r);
     return __builtin_convertvector(r, v16i);
   };
   typedef uint8_t v16b __attribute__((vector_size(16)));
@@ -198,6 +228,7 @@ inline RowQuant quantize_row(const float* x, int64_t K, bool symmetric, uint8_t*
 // its correction factor (acc - rowc * colc[n]), its fp32 scale, and where its outputs go.
 struct IntRows {
   const uint8_t* a[6];
+  const int16_t* a16[6];  // VITK_LOWBIT_WIDE: the same row widened to int16 (widen_row)
   int32_t rowc[6];
   float scale[6];
   float* out[6];  // fp32 staging of MR x (16 * NR) outputs before the store
@@ -210,7 +241,7 @@ struct Epilogue {
   Act act;
 };
 
-inline v16f finish(v16f v, float row_scale, const Epilogue& ep, int64_t n0, int valid) {
+VITK_LB_INLINE v16f finish(v16f v, float row_scale, const Epilogue& ep, int64_t n0, int valid) {
   v16f ws = splat(1.f), bs = splat(0.f);
   if (valid == 16) {
     if (ep.w_scale) ws = load16(ep.w_scale + n0);
@@ -225,6 +256,45 @@ inline v16f finish(v16f v, float row_scale, const Epilogue& ep, int64_t n0, int 
   if (ep.bias) v = v + bs;
   return activate(v, ep.act);
 }
+
+#if VITK_LOWBIT_WIDE
+// Bytes of one block widened to int16: the k-quads' 64 values each, then the correction row as is.
+inline int64_t wide_block_bytes(int64_t K) { return ceil_div(K, 4) * kQuadBytes * 2 + kQuadBytes; }
+
+inline void widen_block(const int8_t* src, int64_t KQ, bool is_unsigned, int16_t* dst) {
+  for (int64_t i = 0; i < KQ * kQuadBytes; ++i)
+    dst[i] = is_unsigned ? static_cast<int16_t>(static_cast<uint8_t>(src[i])) : static_cast<int16_t>(src[i]);
+  std::memcpy(dst + KQ * kQuadBytes, src + KQ * kQuadBytes, kQuadBytes);
+}
+
+inline void widen_row(const uint8_t* a, int64_t n, bool is_signed, int16_t* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = is_signed ? static_cast<int16_t>(static_cast<int8_t>(a[i])) : static_cast<int16_t>(a[i]);
+}
+
+// R rows against one widened weight block over KQ k-quads: int32 pair sums per channel, unfolded.
+template <int R>
+inline void wide_rows(const int16_t* const* a, const int16_t* w, int64_t KQ, int32_t (*half)[32]) {
+  __m256i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < KQ; ++q) {
+    const int16_t* wq = w + q * kQuadBytes;
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      int64_t a4;
+      std::memcpy(&a4, a[r] + 4 * q, sizeof(a4));
+      const __m256i av = _mm256_set1_epi64x(a4);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t)
+        acc[r][t] = _mm256_add_epi32(
+            acc[r][t], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 16 * t)), av));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 4; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half[r] + 8 * t), acc[r][t]);
+}
+#endif
 
 // MR rows x NR weight blocks over KQ k-quads. weight_unsigned: the weight bytes are the unsigned
 // operand (int4 codes) and the activations the signed one; otherwise the reverse.
@@ -260,44 +330,31 @@ inline void int8_tile(const IntRows& rows, const int8_t* w, int64_t block_stride
       std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
     }
   }
-#elif defined(__AVX2__)
+#elif VITK_LOWBIT_WIDE
   // No vpdpbusd, and vpmaddubsw's int16 pair sums would saturate (255 * 128 * 2 > 2^15): both
-  // operands are widened to int16 and multiplied by vpmaddwd, which is exact. Widened, 16 bytes of a
-  // k-quad row (4 channels x 4 k) fill a ymm; against the row's 4 activation values repeated, int32
-  // lane 2c holds channel c's k 0-1 and lane 2c+1 its k 2-3, folded after the K loop. A row then
-  // keeps 4 ymm accumulators per weight block: rows go two at a time (8 accumulators, 4 weight
-  // registers) to stay within AVX2's 16 registers.
+  // operands come widened to int16 (widen_block, widen_row) and vpmaddwd multiplies them exactly.
+  // 16 int16 of a k-quad row (4 channels x 4 k) fill a ymm; against the row's 4 activations repeated,
+  // int32 lane 2c holds channel c's k 0-1 and lane 2c+1 its k 2-3, folded after the K loop. A row keeps
+  // 4 ymm accumulators per weight block, so rows go two at a time, the weights as memory operands
+  // (with three, GCC kept 8 of the 12 accumulators on the stack).
   for (int i0 = 0; i0 < MR; i0 += 2) {
     const int nrows = std::min(2, MR - i0);
     for (int j = 0; j < NR; ++j) {
-      __m256i acc[2][4];
-      for (int r = 0; r < 2; ++r)
-        for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_si256();
-      const int8_t* wj = w + j * block_stride;
-      for (int64_t q = 0; q < KQ; ++q) {
-        __m256i wv[4];
-        for (int t = 0; t < 4; ++t) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wj + q * kQuadBytes + 16 * t));
-          wv[t] = weight_unsigned ? _mm256_cvtepu8_epi16(b) : _mm256_cvtepi8_epi16(b);
-        }
-        for (int r = 0; r < nrows; ++r) {
-          int32_t a4;
-          std::memcpy(&a4, rows.a[i0 + r] + 4 * q, 4);
-          const __m128i ab = _mm_cvtsi32_si128(a4);
-          const __m256i av = _mm256_broadcastq_epi64(weight_unsigned ? _mm_cvtepi8_epi16(ab) : _mm_cvtepu8_epi16(ab));
-          for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(wv[t], av));
-        }
-      }
+      const int16_t* wj = reinterpret_cast<const int16_t*>(w + j * block_stride);
+      int32_t half[2][32];
+      if (nrows == 2)
+        wide_rows<2>(rows.a16 + i0, wj, KQ, half);
+      else
+        wide_rows<1>(rows.a16 + i0, wj, KQ, half);
       int32_t colc[16];
       std::memcpy(colc, wj + KQ * kQuadBytes, sizeof(colc));
       const int64_t nj = n0 + 16 * j;
       const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
       for (int r = 0; r < nrows; ++r) {
-        int32_t half[32];
-        for (int t = 0; t < 4; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half + 8 * t), acc[r][t]);
         const int i = i0 + r;
         v16f v;
-        for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(half[2 * l] + half[2 * l + 1] - rows.rowc[i] * colc[l]);
+        for (int l = 0; l < 16; ++l)
+          v[l] = static_cast<float>(half[r][2 * l] + half[r][2 * l + 1] - rows.rowc[i] * colc[l]);
         v = finish(v, rows.scale[i], ep, nj, valid);
         std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
       }
