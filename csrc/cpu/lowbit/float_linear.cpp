@@ -86,7 +86,15 @@ void panel_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes
         for (int i = 0; i < mr; ++i) xr[i] = x.row(m + i);
         with_tile<kMR, kNR>(mr, nr, [&]<int MR, int NR>() {
           lb::v16f acc[MR][NR];
+#if defined(__AVX2__) && !defined(__AVX512F__)
+          for (int j = 0; j < NR; ++j) {
+            lb::v16f col[MR];
+            lb::f32_tile_avx2<MR>(xr, panel.data() + 16 * j, kPanel, K, col);
+            for (int i = 0; i < MR; ++i) acc[i][j] = col[i];
+          }
+#else
           lb::f32_tile<MR, NR>(xr, panel.data(), kPanel, K, acc);
+#endif
           for (int i = 0; i < MR; ++i)
             for (int j = 0; j < NR; ++j) {
               const int valid = static_cast<int>(std::min<int64_t>(16, ncols - 16 * j));
@@ -99,11 +107,17 @@ void panel_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes
   });
 }
 
+#if VITK_LOWBIT_VNNI || defined(__AVX2__)
+// The AVX-512 kernel deinterleaves x by 16, the AVX2 one by 8 (f32_row_dot_avx2).
 #if VITK_LOWBIT_VNNI
+constexpr int64_t kRowDotLanes = 16;
+#else
+constexpr int64_t kRowDotLanes = 8;
+#endif
 void rows_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes& codes, const lb::Epilogue& ep,
                at::Tensor& out) {
   std::vector<float> xd(M * K);
-  for (int64_t m = 0; m < M; ++m) lb::deinterleave(x.row(m), K, 16, xd.data() + m * K);
+  for (int64_t m = 0; m < M; ++m) lb::deinterleave(x.row(m), K, kRowDotLanes, xd.data() + m * K);
   const int64_t groups = K / codes.G;
   at::parallel_for(0, lb::ceil_div(N, lb::kBlockN), 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> tables(groups * 16);
@@ -119,7 +133,11 @@ void rows_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes&
           const float* xr[kRowDotRows];
           for (int i = 0; i < mt; ++i) xr[i] = xd.data() + (m0 + i) * K;
           with_rows<1, kRowDotRows>(mt, [&]<int MT>() {
+#if VITK_LOWBIT_VNNI
             lb::f32_row_dot<MT>(xr, row, K, codes.G, tables.data(), acc.data() + j * M + m0);
+#else
+            lb::f32_row_dot_avx2<MT>(xr, row, K, codes.G, tables.data(), acc.data() + j * M + m0);
+#endif
           });
         }
       }
@@ -143,7 +161,7 @@ at::Tensor float_gemm(const at::Tensor& x, int64_t N, const Codes& codes, const 
   const int64_t M = static_cast<int64_t>(rows.off.size());
   if (M == 0 || N == 0) return out;
   const lb::Epilogue ep{ptr_or_null(col_scale), ptr_or_null(b), act};
-#if VITK_LOWBIT_VNNI
+#if VITK_LOWBIT_VNNI || defined(__AVX2__)
   if (M <= kSmallM) {
     rows_gemm(rows, M, N, K, codes, ep, out);
     return out;

@@ -420,6 +420,73 @@ inline void f32_tile(const float* const* x, const float* panel, int64_t ldp, int
     for (int j = 0; j < NR; ++j) out[i][j] = acc[i][j];
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2 has 16 ymm registers, too few for MR x NR v16f sums: the Haswell-class sgemm tile instead, 6 rows
+// x 16 channels (12 ymm accumulators, 2 panel loads and a broadcast), over one 16-channel block.
+template <int MR>
+inline void f32_tile_avx2(const float* const* x, const float* panel, int64_t ldp, int64_t K, v16f* out) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = x[i];
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(panel + k * ldp), w1 = _mm256_loadu_ps(panel + k * ldp + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
+      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i), acc[i][0]);
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i) + 8, acc[i][1]);
+  }
+}
+
+// The 16-entry table lookup of 8 codes: two 8-entry vpermps and a blend on the code's bit 3.
+inline __m256 lookup16(__m256i code, __m256 lo, __m256 hi) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, code), b = _mm256_permutevar8x32_ps(hi, code);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+}
+
+// f32_row_dot for AVX2: out[m] = sum_k x[m][k] * table_g(code[k]) for MT rows, x deinterleaved by 8
+// (deinterleave(x, K, 8): per 16 values of k, the 8 even ones, then the 8 odd ones).
+template <int MT>
+inline void f32_row_dot_avx2(const float* const* xd, const uint8_t* row, int64_t K, int64_t G, const float* tables,
+                             float* out) {
+  __m256 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t K16 = K / 16 * 16;
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 lo = _mm256_loadu_ps(tables), hi = _mm256_loadu_ps(tables + 8);
+  int64_t next_group = G;
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (k >= next_group) {
+      lo = _mm256_loadu_ps(tables + (k / G) * 16);
+      hi = _mm256_loadu_ps(tables + (k / G) * 16 + 8);
+      next_group = (k / G + 1) * G;
+    }
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m256 we = lookup16(_mm256_and_si256(v, low), lo, hi);
+    const __m256 wo = lookup16(_mm256_srli_epi32(v, 4), lo, hi);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xd[m] + k), acc[m]);
+      acc[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xd[m] + k + 8), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[m]);
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += lanes[l];
+    for (int64_t k = K16; k < K; ++k) s += xd[m][k] * tables[(k / G) * 16 + ((row[k >> 1] >> ((k & 1) * 4)) & 15)];
+    out[m] = s;
+  }
+}
+#endif
+
 // ---------------------------------------------------------------- weight decoding
 // 4-bit code of k in a packed row (low nibble = even k).
 inline int nibble(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 15; }
