@@ -146,15 +146,20 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   });
 }
 
-#if VITK_LOWBIT_VNNI
+#if VITK_LOWBIT_VNNI || defined(__AVX2__)
 // int4_int8_linear for a few rows: each packed weight row is read once and expanded in registers
-// (lb::int4_row_dot), over tasks of 16 output channels.
+// (lb::int4_row_dot, or int4_row_dot_avx2 with x deinterleaved by 32), over tasks of 16 output channels.
+#if VITK_LOWBIT_VNNI
+constexpr int64_t kInt4Lanes = 64;
+#else
+constexpr int64_t kInt4Lanes = 32;
+#endif
 void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K, const lb::Epilogue& ep,
                     at::Tensor& out) {
   const int64_t M = p.M;
   std::vector<int8_t> xd(M * K);
   for (int64_t m = 0; m < M; ++m)
-    lb::deinterleave(reinterpret_cast<const int8_t*>(p.a.data() + m * p.KP), K, 64, xd.data() + m * K);
+    lb::deinterleave(reinterpret_cast<const int8_t*>(p.a.data() + m * p.KP), K, kInt4Lanes, xd.data() + m * K);
   at::parallel_for(0, lb::ceil_div(N, lb::kBlockN), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * lb::kBlockN;
@@ -165,7 +170,13 @@ void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K
         for (int i = 0; i < mt; ++i) xr[i] = xd.data() + (m0 + i) * K;
         int32_t acc[lb::kBlockN][kRowDotRows];
         for (int j = 0; j < valid; ++j)
-          with_rows<1, kRowDotRows>(mt, [&]<int MT>() { lb::int4_row_dot<MT>(xr, codes + (n0 + j) * (K / 2), K, acc[j]); });
+          with_rows<1, kRowDotRows>(mt, [&]<int MT>() {
+#if VITK_LOWBIT_VNNI
+            lb::int4_row_dot<MT>(xr, codes + (n0 + j) * (K / 2), K, acc[j]);
+#else
+            lb::int4_row_dot_avx2<MT>(xr, codes + (n0 + j) * (K / 2), K, acc[j]);
+#endif
+          });
         for (int i = 0; i < mt; ++i) {
           lb::v16f v = lb::splat(0.f);
           for (int j = 0; j < valid; ++j) v[j] = static_cast<float>(acc[j][i] - p.rowc[m0 + i]);
@@ -225,7 +236,7 @@ at::Tensor run_int(const at::Tensor& x, const PackedX& p, const IntWeights& w, c
   at::Tensor out = at::empty(out_shape(x, N), x.options().dtype(out_dtype));
   if (p.M == 0 || N == 0) return out;
   const lb::Epilogue ep{ws.const_data_ptr<float>(), ptr_or_null(b), act};
-#if VITK_LOWBIT_VNNI
+#if VITK_LOWBIT_VNNI || defined(__AVX2__)
   if (w.codes && p.M <= kSmallM) {
     int4_rows_gemm(p, w.codes, N, K, ep, out);
     return out;

@@ -595,6 +595,37 @@ inline void int4_row_dot(const int8_t* const* xd, const uint8_t* row, int64_t K,
 }
 #endif
 
+#if defined(__AVX2__) && !VITK_LOWBIT_VNNI
+// int4_row_dot for AVX2, x deinterleaved by 32. vpmaddubsw is exact here (the unsigned codes are at most
+// 15, so a pair sums to at most 2 * 15 * 128), and so is the sum of two of its results before vpmaddwd.
+template <int MT>
+inline void int4_row_dot_avx2(const int8_t* const* xd, const uint8_t* row, int64_t K, int32_t* out) {
+  __m256i acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_si256();
+  const int64_t K64 = K / 64 * 64;
+  const __m256i low = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < K64; k += 64) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+    const __m256i we = _mm256_xor_si256(_mm256_and_si256(b, low), eight);
+    const __m256i wo = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), eight);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m256i pe = _mm256_maddubs_epi16(we, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd[m] + k)));
+      const __m256i po = _mm256_maddubs_epi16(wo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xd[m] + k + 32)));
+      acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_add_epi16(pe, po), ones));
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[m]);
+    int32_t s = 0;
+    for (int l = 0; l < 8; ++l) s += lanes[l];
+    for (int64_t k = K64; k < K; ++k) s += static_cast<int32_t>(xd[m][k]) * (((row[k >> 1] >> ((k & 1) * 4)) & 15) ^ 8);
+    out[m] = s;
+  }
+}
+#endif
+
 // Blocked int8 weights of rows [n0, n0 + 16) from 4-bit codes, as the unsigned operand: code + 8
 // of the signed code (= the nibble xor 8), the correction row all ones. Rows past N and k past K are 0.
 inline void block_int4_codes(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t N, int64_t K, uint8_t* blk) {
