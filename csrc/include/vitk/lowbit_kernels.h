@@ -272,9 +272,9 @@ inline void widen_row(const uint8_t* a, int64_t n, bool is_signed, int16_t* dst)
     dst[i] = is_signed ? static_cast<int16_t>(static_cast<int8_t>(a[i])) : static_cast<int16_t>(a[i]);
 }
 
-// R rows against one widened weight block over KQ k-quads: int32 pair sums per channel, unfolded.
+// R rows against one widened weight block over KQ k-quads: each row's 16 channel sums.
 template <int R>
-inline void wide_rows(const int16_t* const* a, const int16_t* w, int64_t KQ, int32_t (*half)[32]) {
+inline void wide_rows(const int16_t* const* a, const int16_t* w, int64_t KQ, int32_t (*sums)[16]) {
   __m256i acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < 4; ++t) acc[r][t] = _mm256_setzero_si256();
@@ -291,8 +291,12 @@ inline void wide_rows(const int16_t* const* a, const int16_t* w, int64_t KQ, int
             acc[r][t], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + 16 * t)), av));
     }
   }
+  // acc[r][2h] holds channels 8h..8h+3 as lane pairs, acc[r][2h+1] channels 8h+4..8h+7: vphaddd adds the
+  // pairs within 128-bit lanes, leaving 64-bit pieces (c0 c1)(c4 c5)(c2 c3)(c6 c7), which vpermq orders.
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < 4; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half[r] + 8 * t), acc[r][t]);
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[r] + 8 * h),
+                          _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), 0xD8));
 }
 #endif
 
@@ -341,20 +345,25 @@ inline void int8_tile(const IntRows& rows, const int8_t* w, int64_t block_stride
     const int nrows = std::min(2, MR - i0);
     for (int j = 0; j < NR; ++j) {
       const int16_t* wj = reinterpret_cast<const int16_t*>(w + j * block_stride);
-      int32_t half[2][32];
+      int32_t sums[2][16];
       if (nrows == 2)
-        wide_rows<2>(rows.a16 + i0, wj, KQ, half);
+        wide_rows<2>(rows.a16 + i0, wj, KQ, sums);
       else
-        wide_rows<1>(rows.a16 + i0, wj, KQ, half);
-      int32_t colc[16];
-      std::memcpy(colc, wj + KQ * kQuadBytes, sizeof(colc));
+        wide_rows<1>(rows.a16 + i0, wj, KQ, sums);
+      const int32_t* colc = reinterpret_cast<const int32_t*>(wj + KQ * kQuadBytes);
       const int64_t nj = n0 + 16 * j;
       const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
       for (int r = 0; r < nrows; ++r) {
         const int i = i0 + r;
-        v16f v;
-        for (int l = 0; l < 16; ++l)
-          v[l] = static_cast<float>(half[r][2 * l] + half[r][2 * l + 1] - rows.rowc[i] * colc[l]);
+        const __m256i rc = _mm256_set1_epi32(rows.rowc[i]);
+        alignas(32) float f[16];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colc + 8 * h));
+          const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums[r] + 8 * h)),
+                                             _mm256_mullo_epi32(rc, c));
+          _mm256_store_ps(f + 8 * h, _mm256_cvtepi32_ps(d));
+        }
+        v16f v = load16(f);
         v = finish(v, rows.scale[i], ep, nj, valid);
         std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
       }
