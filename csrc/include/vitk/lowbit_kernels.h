@@ -1,5 +1,6 @@
-// The lowbit family's inner loops, torch-free so the C++ unit test builds them for both CPU targets
-// (-march=native and the portable x86-64-v2) and holds each to plain loops.
+// The lowbit family's inner loops, torch-free. Each kernel has up to three paths, chosen at build time:
+// AVX-512 (VNNI for the integer GEMM), AVX2 (int16 operands; see int8_tile), and plain loops, which
+// `make portable` (x86-64-v2) builds and tests.
 //
 // Integer GEMM (int8_linear, dynamic_int8_linear, int4_int8_linear). Weights are stored in blocks of
 // 16 output channels, one 64-byte row per 4 values of k ("k-quad"): block b, k-quad q holds
