@@ -21,6 +21,8 @@ SAN_ENV = LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@$(PYTHON) -c "import ninja, pybind11, setuptools, wheel" 2>/dev/null || $(PIP) install ninja pybind11 setuptools wheel
+	@# What `make sanitize` needs when it runs without `make test` (which installs the test extra).
+	@$(PYTHON) -c "import pytest, xdist, hypothesis" 2>/dev/null || $(PIP) install "pytest>=8" "pytest-xdist>=3" "hypothesis>=6"
 	@command -v cmake >/dev/null 2>&1 || $(PIP) install cmake
 
 $(BUILD_STAMP): $(SOURCES) | deps
@@ -30,8 +32,12 @@ $(BUILD_STAMP): $(SOURCES) | deps
 
 install: deps $(BUILD_STAMP)
 
+# Most of the suite is single-threaded Python (the Triton interpreter), so it runs on JOBS workers; the
+# thread-overlap test needs idle cores and runs alone afterwards.
 pytest: install
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider --durations=15
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider -n $(JOBS) --durations=15 \
+		--ignore=tests/test_threads.py
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests/test_threads.py -q -p no:cacheprovider
 
 ctest: install
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$(command -v $(PYTHON))
@@ -52,7 +58,7 @@ sanitize: deps
 		ignore=shutil.ignore_patterns('_C*.so', '_build_info.py', '__pycache__'))"
 	# From inside build/sanitize, so that the source tree's vitkernels (cwd) cannot shadow the copy.
 	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -c "import vitkernels; assert '/$(SAN_DIR)/' in vitkernels.__file__, vitkernels.__file__"
-	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -k "not triton" \
+	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -n $(JOBS) -k "not triton" \
 		--ignore=$(CURDIR)/tests/export --ignore=$(CURDIR)/tests/test_memory.py --ignore=$(CURDIR)/tests/test_threads.py
 
 # The portable CPU library (VITK_CPU_ARCH=portable: x86-64-v2, none of the AVX-512 / VNNI paths) in

@@ -149,7 +149,7 @@ def main():
         extras_require={
             "triton": ["triton>=3.1"],
             # pytorch_wavelets is the spectral family's peer (tests compare against it, bench times it).
-            "test": ["pytest>=8", "pytest-benchmark>=4", "pytorch-wavelets==1.3.0", "PyWavelets>=1.4"],
+            "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pytest-benchmark>=4", "pytorch-wavelets==1.3.0", "PyWavelets>=1.4"],
             "bench": ["pytest-benchmark>=4", "faiss-cpu>=1.8", "matplotlib>=3.7", "pytorch-wavelets==1.3.0",
                       "PyWavelets>=1.4"],
         },
