@@ -434,23 +434,38 @@ inline void f32_tile(const float* const* x, const float* panel, int64_t ldp, int
 // AVX2 has 16 ymm registers, too few for MR x NR v16f sums: the Haswell-class sgemm tile instead, 6 rows
 // x 16 channels (12 ymm accumulators, 2 panel loads and a broadcast), over one 16-channel block.
 template <int MR>
-inline void f32_tile_avx2(const float* const* x, const float* panel, int64_t ldp, int64_t K, v16f* out) {
-  __m256 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const float* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = x[i];
+__attribute__((noinline)) void f32_tile_avx2(const float* const* x, const float* panel, int64_t ldp, int64_t K, v16f* out) {
+  static_assert(MR >= 1 && MR <= 6, "f32_tile_avx2: 1 to 6 rows");
+  // Named sums, and out of line: inlined into the panel loop, GCC kept most of them on the stack (a
+  // load and a store around every FMA); a call per 6 x 16 x K tile costs nothing.
+  __m256 s0l = _mm256_setzero_ps(), s0h = s0l, s1l = s0l, s1h = s0l, s2l = s0l, s2h = s0l, s3l = s0l, s3h = s0l,
+         s4l = s0l, s4h = s0l, s5l = s0l, s5h = s0l;
+  const float* x0 = x[0];
+  const float* x1 = x[MR > 1 ? 1 : 0];
+  const float* x2 = x[MR > 2 ? 2 : 0];
+  const float* x3 = x[MR > 3 ? 3 : 0];
+  const float* x4 = x[MR > 4 ? 4 : 0];
+  const float* x5 = x[MR > 5 ? 5 : 0];
   for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(panel + k * ldp), w1 = _mm256_loadu_ps(panel + k * ldp + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xb = _mm256_broadcast_ss(xr[i] + k);
-      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
-    }
+#define VITK_F32_ROW(i)                                   \
+  if constexpr (MR > i) {                                 \
+    const __m256 b = _mm256_broadcast_ss(x##i + k);       \
+    s##i##l = _mm256_fmadd_ps(b, w0, s##i##l);            \
+    s##i##h = _mm256_fmadd_ps(b, w1, s##i##h);            \
   }
+    VITK_F32_ROW(0)
+    VITK_F32_ROW(1)
+    VITK_F32_ROW(2)
+    VITK_F32_ROW(3)
+    VITK_F32_ROW(4)
+    VITK_F32_ROW(5)
+#undef VITK_F32_ROW
+  }
+  const __m256 lo[6] = {s0l, s1l, s2l, s3l, s4l, s5l}, hi[6] = {s0h, s1h, s2h, s3h, s4h, s5h};
   for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + i), acc[i][0]);
-    _mm256_storeu_ps(reinterpret_cast<float*>(out + i) + 8, acc[i][1]);
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i), lo[i]);
+    _mm256_storeu_ps(reinterpret_cast<float*>(out + i) + 8, hi[i]);
   }
 }
 
