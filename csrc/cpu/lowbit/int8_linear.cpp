@@ -3,7 +3,8 @@
 // Every call first packs x: each row quantized (or, for int8_linear, its codes copied) into a
 // contiguous byte row of ceil(K/4) * 4 bytes in the operand form the GEMM wants, with its scale and
 // its zero-point correction. The GEMM (vitk/lowbit_kernels.h) then runs over tasks of 128 rows x 64
-// output channels, in parallel over both, so a single token still spreads over every core. Weights
+// output channels, in parallel over both, so a single token still spreads over every core (on AVX2
+// without VNNI, rows and each task's weight blocks are first widened to int16; see int8_tile). Weights
 // come blocked for VNNI: int8_linear / dynamic_int8_linear take the blocked layout the modules keep
 // (vitkernels.lowbit.block_int8, packed once), or block a plain [N, K] w_q per call; int4_int8_linear
 // decodes each task's 64 channels from the 4-bit codes into a thread-local block, used by all of the
