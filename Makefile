@@ -39,8 +39,11 @@ pytest: install
 		--ignore=tests/test_threads.py
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests/test_threads.py -q -p no:cacheprovider
 
+# The C++ tests link the installed library (the file Python loads), so only the tests compile here;
+# plain `cmake -S . -B <dir>` builds the library from source instead.
 ctest: install
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$(command -v $(PYTHON))
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$$(command -v $(PYTHON)) \
+		-DVITK_LIBRARY=$$($(PYTHON) -c "import vitkernels._lib as lib; print(lib.library_path())")
 	cmake --build build/cmake -j$(JOBS)
 	ctest --test-dir build/cmake --output-on-failure
 
@@ -58,7 +61,7 @@ sanitize: deps
 		ignore=shutil.ignore_patterns('_C*.so', '_build_info.py', '__pycache__'))"
 	# From inside build/sanitize, so that the source tree's vitkernels (cwd) cannot shadow the copy.
 	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -c "import vitkernels; assert '/$(SAN_DIR)/' in vitkernels.__file__, vitkernels.__file__"
-	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -n $(JOBS) -k "not triton" \
+	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -n $(JOBS) -k "not triton" --durations=20 \
 		--ignore=$(CURDIR)/tests/export --ignore=$(CURDIR)/tests/test_memory.py --ignore=$(CURDIR)/tests/test_threads.py
 
 # The portable CPU library (VITK_CPU_ARCH=portable: x86-64-v2, none of the AVX-512 / VNNI paths) in

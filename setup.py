@@ -75,7 +75,7 @@ def main():
     # library ~5x larger. A sanitizer build keeps line tables (-g1) for its reports.
     opt = ["-O1", "-g1", "-UNDEBUG", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
            "-fno-sanitize-recover=all"] if sanitize else ["-O3", "-g0"]
-    cxx_flags = [*opt, "-fopenmp", *march, "-DVITK_CPU_ARCH=\"" + arch + "\""]
+    cxx_flags = [*opt, "-fopenmp", *march]
     sources = sorted(
         glob.glob(os.path.join("csrc", "*.cpp"))
         + glob.glob(os.path.join("csrc", "cpu", "**", "*.cpp"), recursive=True)
@@ -112,6 +112,10 @@ def main():
     else:
         ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags}
         ext = cpp_extension.CppExtension(**ext_kwargs)
+    # The library has no Python module in it (Python loads it with torch.ops.load_library and reaches
+    # its few C functions through ctypes), so it must not depend on libtorch_python, which needs a
+    # Python interpreter: then a C++-only program links this very file (`make ctest` does).
+    ext.libraries = [lib for lib in ext.libraries if lib != "torch_python"]
 
     info = {
         "torch_version": torch.__version__,

@@ -1,5 +1,5 @@
 // The backend a thread's caller forced (vitkernels.use_backend, else VITK_BACKEND). Kept apart from
-// registration.h, whose dispatcher headers the Python bindings do not need.
+// registration.h, whose dispatcher headers c_api.cpp does not need.
 #pragma once
 
 namespace vitk {
