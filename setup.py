@@ -66,6 +66,10 @@ def _cuda_archs(torch):
 
 def main():
     torch, cpp_extension = _torch()
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import precompiled_header
+
+    precompiled_header.install(cpp_extension, ROOT, torch.__version__)
     arch, march = _march_flag()
     isa = _isa_of(march)
 
