@@ -25,6 +25,15 @@ from vitkernels import dispatch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import STRATEGIES, Call  # noqa: E402
 
+if os.environ["TRITON_INTERPRET"] == "1" and "triton" in os.environ.get("VITK_FUZZ_BACKENDS", "triton"):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import triton_bounds  # noqa: E402
+
+        triton_bounds.install()  # an out-of-bounds access fails the call instead of corrupting this process
+    except ImportError:  # no triton here
+        pass
+
 TOL = {torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
 KINDS = (IndexError, TypeError, ValueError, RuntimeError)
 # The argument's name (or names), or the op's (a backend's refusal), then a colon; or torch's own parser.
