@@ -1,7 +1,7 @@
 """Every "linear memory" promise, measured: the peak memory one call adds (forward, and forward plus
 backward) grows with the problem size, not with its square. Each case runs at two sizes four times
 apart in tokens (or codes); a quadratic intermediate would grow ~16x, a linear footprint ~4x, and the
-test fails above 4.5x. Measured in a fresh subprocess per call (peak RSS growth via VmHWM, every
+test fails above 4.5x. Measured in a fresh subprocess per case (peak RSS growth via VmHWM, every
 buffer of 4 KiB or more mapped on allocation and unmapped on free), with
 head dims kept small so that any N x N term is not hidden behind the O(N d) inputs and outputs.
 """
@@ -13,25 +13,30 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import sys, torch, vitkernels
-    torch.manual_seed(0)
-    size, backward = int(sys.argv[1]), sys.argv[2] == "1"
-    {setup}
+    import gc, sys, torch, vitkernels
+    backward = sys.argv[1] == "1"
     def rss(field):
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    def call():
-        {call}
-    call()                                   # warm-up: lazy initialization is not the op's footprint
-    leaves = [t for t in inputs if t.requires_grad]
-    for t in leaves:
-        t.grad = None
-    import gc; gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")
-    base = rss("VmRSS")
-    call()
-    print(rss("VmHWM") - base)
+    def growth(size):
+        torch.manual_seed(0)
+        {setup}
+        def call():
+            {call}
+        call()                               # warm-up: lazy initialization is not the op's footprint
+        leaves = [t for t in inputs if t.requires_grad]
+        for t in leaves:
+            t.grad = None
+        gc.collect()
+        open("/proc/self/clear_refs", "w").write("5")
+        base = rss("VmRSS")
+        call()
+        return rss("VmHWM") - base
+    # One process for both sizes (the import is most of a small case's time): each size's buffers are
+    # unmapped when it returns, and the peak is reset before each measured call.
+    for size in sys.argv[2:]:
+        print(growth(int(size)))
 """)
 
 # name: (setup with `size`, defining `inputs`; the call; (small, large) sizes, 4x apart in tokens or codes,
@@ -77,16 +82,16 @@ CASES = {
 }
 
 
-def _peak_bytes(name: str, size: int, backward: bool) -> int:
+def _peak_bytes(name: str, sizes, backward: bool):
     setup, call, _ = CASES[name]
     code = SCRIPT.format(setup=setup, call=call)
     # A fixed mmap threshold (no dynamic raise, no trim delay): every buffer of 4 KiB or more is
     # mapped when allocated and unmapped when freed, so peak RSS growth sees each live buffer.
     env = {**os.environ, "VITK_BACKEND": "", "MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "4096"}
-    proc = subprocess.run([sys.executable, "-c", code, str(size), "1" if backward else "0"], capture_output=True,
-                          text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, "1" if backward else "0", *map(str, sizes)],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return int(proc.stdout.strip().splitlines()[-1])
+    return [int(line) for line in proc.stdout.strip().splitlines()[-len(sizes):]]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
@@ -98,8 +103,7 @@ def test_memory_grows_linearly(name, backward):
     sizes = CASES[name][2]
     small, large = sizes["fwd+bwd" if backward else "fwd"] if isinstance(sizes, dict) else sizes
     # Token (or code) counts four times apart: the side of an image doubles.
-    growth_small = _peak_bytes(name, small, backward)
-    growth_large = _peak_bytes(name, large, backward)
+    growth_small, growth_large = _peak_bytes(name, (small, large), backward)
     ratio = growth_large / max(growth_small, 1)
     print(f"{name} {'fwd+bwd' if backward else 'fwd'}: {growth_small / 2**20:.2f} -> {growth_large / 2**20:.2f} MiB ({ratio:.2f}x)")
     assert ratio <= 4.5, (f"{name} ({'fwd+bwd' if backward else 'fwd'}): peak memory grew {ratio:.1f}x for 4x the "
