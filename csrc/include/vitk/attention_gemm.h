@@ -66,12 +66,37 @@ inline void micro(const float* __restrict A, int64_t astride, const float* __res
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) store(C + r * ldc + 16 * v, c[r][v]);
 }
-#else
-// Plain loops over the 16V lanes of each row; the compiler keeps the accumulators in vector
-// registers of whatever width the target has.
+#elif defined(__AVX2__) && defined(__FMA__)
+// The 16-lane panel as two 8-lane halves, and one broadcast load per element of A. From the plain
+// loops below, GCC 12's SLP vectorizer made a gather of four rows of A per k (ATrans, R = 2), three
+// of them unused and, at the last k, past the end of A: a read that faulted whenever the scratch
+// buffer ended at the top of the heap.
 template <int R, int V, bool Acc, bool ATrans>
 inline void micro(const float* __restrict A, int64_t astride, const float* __restrict B, int64_t ldb, int64_t K,
                   float* __restrict C, int64_t ldc) {
+  constexpr int H = 2 * V;
+  __m256 c[R][H];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < H; ++h) c[r][h] = Acc ? _mm256_loadu_ps(C + r * ldc + 8 * h) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, B += ldb) {
+    __m256 b[H];
+    for (int h = 0; h < H; ++h) b[h] = _mm256_loadu_ps(B + 8 * h);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(ATrans ? A + k * astride + r : A + r * astride + k);
+      for (int h = 0; h < H; ++h) c[r][h] = _mm256_fmadd_ps(x, b[h], c[r][h]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < H; ++h) _mm256_storeu_ps(C + r * ldc + 8 * h, c[r][h]);
+}
+#else
+// Plain loops over the 16V lanes of each row; the compiler keeps the accumulators in vector
+// registers of whatever width the target has. SLP vectorization off: it can merge the loads of A
+// into loads of rows the loop never reads (see the AVX2 kernel above).
+template <int R, int V, bool Acc, bool ATrans>
+__attribute__((optimize("no-tree-slp-vectorize"))) inline void micro(
+    const float* __restrict A, int64_t astride, const float* __restrict B, int64_t ldb, int64_t K,
+    float* __restrict C, int64_t ldc) {
   constexpr int L = 16 * V;
   float c[R][L];
   for (int r = 0; r < R; ++r)
