@@ -16,14 +16,9 @@ import vitkernels  # noqa: E402
 from vitkernels import dispatch as vb  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] == "1":
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        import triton_bounds  # noqa: E402
+    import triton_bounds  # noqa: E402
 
-        triton_bounds.install()
+    triton_bounds.install()
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

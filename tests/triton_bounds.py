@@ -50,8 +50,11 @@ def _check(what, ptrs, mask, itemsize):
 
 
 def install():
-    """Wraps the interpreter's launch, masked load and masked store (idempotent)."""
-    from triton.runtime import interpreter as ti
+    """Wraps the interpreter's launch, masked load and masked store (idempotent; nothing without triton)."""
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:
+        return
 
     if getattr(ti.GridExecutor, "_vitk_bounds", False):
         return

@@ -15,11 +15,13 @@ HEADER = os.path.join("csrc", "include", "vitk", "precompiled.h")
 
 
 def _gcc(cxx):
+    """GCC itself (its precompiled headers are what this writes), read off the compiler's own macros."""
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        macros = subprocess.run([cxx, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True,
+                                check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return False
-    return "clang" not in out.lower() and ("gcc" in out.lower() or "g++" in out.lower() or "free software" in out.lower())
+    return "#define __GNUC__ " in macros and "#define __clang__ " not in macros
 
 
 def _write_if_changed(path, text):

@@ -28,9 +28,14 @@ def _cpu_flags():
     return None
 
 
+def _other_torch(built: str) -> bool:
+    """Built against another torch release than the one installed (local tags such as +cpu aside)."""
+    return built.split("+")[0] != torch.__version__.split("+")[0]
+
+
 def _check_build_info(info):
     built, running = info["torch_version"], torch.__version__
-    if built.split("+")[0] != running.split("+")[0]:
+    if _other_torch(built):
         raise ImportError(
             f"vitkernels was built against torch {built} but torch {running} is installed; "
             f"the compiled library would not load cleanly. {_REBUILD}")
@@ -101,7 +106,7 @@ def load():
         C = Library(path)
     except (OSError, AttributeError) as e:
         raise ImportError(f"vitkernels' compiled library {path} could not be loaded ({e}). {_REBUILD}") from e
-    if C.torch_version().split("+")[0] != torch.__version__.split("+")[0]:
+    if _other_torch(C.torch_version()):
         raise ImportError(f"vitkernels' compiled library {path} was built against torch {C.torch_version()} but torch "
                           f"{torch.__version__} is installed. {_REBUILD}")
     if not hasattr(torch.ops.vitk, "codebook_argmin"):

@@ -27,12 +27,9 @@ from cases import STRATEGIES, Call  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] == "1" and "triton" in os.environ.get("VITK_FUZZ_BACKENDS", "triton"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        import triton_bounds  # noqa: E402
+    import triton_bounds  # noqa: E402
 
-        triton_bounds.install()  # an out-of-bounds access fails the call instead of corrupting this process
-    except ImportError:  # no triton here
-        pass
+    triton_bounds.install()  # an out-of-bounds access fails the call instead of corrupting this process
 
 TOL = {torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2, torch.float64: 1e-9}
 KINDS = (IndexError, TypeError, ValueError, RuntimeError)

@@ -4,6 +4,11 @@
 // the same without this (CMake, and any compiler the precompiled header does not suit).
 #pragma once
 
+// Python's CFLAGS carry -Wsign-compare. Parsed from a precompiled header, torch's own templates get
+// instantiated at the end of every file and warn there (TypeSafeSignMath.h), which parsed in place
+// they do not; the pragma covers torch's code only, not ours after it.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsign-compare"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +20,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cmath>
