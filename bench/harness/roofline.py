@@ -69,10 +69,18 @@ def measure(device: str, quick: bool = False) -> dict:
     if not cuda:
         # The int8 ceiling: torch._int_mm (int8 x int8 -> int32, oneDNN's VNNI / AMX kernels) on a
         # large square problem, for the integer GEMMs' cases (Case.int8_roof).
-        ai = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
-        bi = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
-        t = _best_s(lambda: torch._int_mm(ai, bi), max(2, reps - 2))
-        out.update(int8_gops=flops / t / 1e9, int8_n=n)
+        # Without VNNI (AVX2 only) torch falls back to plain loops that would take minutes at n, so a
+        # probe at 1024 decides: the large size only when it would finish in seconds.
+        n8 = 1024
+        ai = torch.randint(-127, 128, (n8, n8), generator=gen, dtype=torch.int8)
+        bi = torch.randint(-127, 128, (n8, n8), generator=gen, dtype=torch.int8)
+        t = _best_s(lambda: torch._int_mm(ai, bi), 1)
+        if t * (n / n8) ** 3 < 5.0:
+            n8 = n
+            ai = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+            bi = torch.randint(-127, 128, (n, n), generator=gen, dtype=torch.int8)
+            t = _best_s(lambda: torch._int_mm(ai, bi), max(2, reps - 2))
+        out.update(int8_gops=2.0 * n8 ** 3 / t / 1e9, int8_n=n8)
         del ai, bi
     candidates = {"torch": out["torch_sgemm_gflops"], "numpy": out["numpy_sgemm_gflops"]}
     source = max((k for k, v in candidates.items() if v), key=lambda k: candidates[k])
