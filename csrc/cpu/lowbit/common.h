@@ -77,18 +77,27 @@ inline void load_row(const at::Tensor& x, int64_t offset, int64_t K, float* dst)
   }
 }
 
-// n values of src into row `row` of a contiguous [M, N] output, columns [n0, n0 + n).
-inline void store(at::Tensor& out, int64_t row, int64_t n0, const float* src, int64_t n) {
-  const int64_t at_ = row * out.size(-1) + n0;
-  switch (out.scalar_type()) {
-    case at::kFloat: std::memcpy(out.mutable_data_ptr<float>() + at_, src, n * sizeof(float)); break;
+// A contiguous [M, N] output, its pointer and dtype read once: data_ptr checks the dtype at every
+// call, which cost more than the store itself in tiles of a small K.
+struct OutRows {
+  void* base;
+  int64_t ld;
+  at::ScalarType type;
+  explicit OutRows(at::Tensor& out) : base(out.data_ptr()), ld(out.size(-1)), type(out.scalar_type()) {}
+};
+
+// n values of src into row `row` of the output, columns [n0, n0 + n).
+inline void store(const OutRows& out, int64_t row, int64_t n0, const float* src, int64_t n) {
+  const int64_t at_ = row * out.ld + n0;
+  switch (out.type) {
+    case at::kFloat: std::memcpy(static_cast<float*>(out.base) + at_, src, n * sizeof(float)); break;
     case at::kBFloat16: {
-      auto* d = out.mutable_data_ptr<c10::BFloat16>() + at_;
+      auto* d = static_cast<c10::BFloat16*>(out.base) + at_;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::BFloat16(src[i]);
       break;
     }
     default: {
-      auto* d = out.mutable_data_ptr<c10::Half>() + at_;
+      auto* d = static_cast<c10::Half*>(out.base) + at_;
       for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(src[i]);
     }
   }

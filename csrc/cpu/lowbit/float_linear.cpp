@@ -65,8 +65,23 @@ struct FloatRows {
   const float* row(int64_t m) const { return base + off[m]; }
 };
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 16 sums times the channels' scales, plus their bias, through ReLU if asked (finish's arithmetic).
+inline void finish_avx2(const float* sums, const lb::Epilogue& ep, int64_t n0, float* out) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 v = _mm256_loadu_ps(sums + 8 * h);
+    if (ep.w_scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(ep.w_scale + n0 + 8 * h));
+    if (ep.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(ep.bias + n0 + 8 * h));
+    // max(0, v) returns its second operand, v, when either is NaN: NaN passes through, as in finish.
+    if (ep.act == lb::Act::kRelu) v = _mm256_max_ps(_mm256_setzero_ps(), v);
+    _mm256_storeu_ps(out + 8 * h, v);
+  }
+}
+#endif
+
 void panel_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes& codes, const lb::Epilogue& ep,
                 at::Tensor& out) {
+  const OutRows dst(out);
   const int64_t groups = K / codes.G;
   for_each_panel_task(lb::ceil_div(N, kPanel), M, kTaskRows, [&]() {
     return [&, panel = std::vector<float>(K * kPanel), tables = std::vector<float>(groups * 16)](
@@ -87,6 +102,18 @@ void panel_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes
         with_tile<kMR, kNR>(mr, nr, [&]<int MR, int NR>() {
           lb::v16f acc[MR][NR];
 #if defined(__AVX2__) && !defined(__AVX512F__)
+          if (ncols == kPanel && dst.type == at::kFloat && (ep.act == lb::Act::kNone || ep.act == lb::Act::kRelu)) {
+            // The common case finished in AVX registers and stored in place: through the 16-lane vector
+            // type, which AVX2 keeps on the stack, the epilogue took as long as a small-K tile.
+            for (int j = 0; j < NR; ++j) {
+              lb::v16f col[MR];
+              lb::f32_tile_avx2<MR>(xr, panel.data() + 16 * j, kPanel, K, col);
+              for (int i = 0; i < MR; ++i)
+                finish_avx2(reinterpret_cast<const float*>(&col[i]), ep, n0 + 16 * j,
+                            static_cast<float*>(dst.base) + (m + i) * dst.ld + n0 + 16 * j);
+            }
+            return;
+          }
           for (int j = 0; j < NR; ++j) {
             lb::v16f col[MR];
             lb::f32_tile_avx2<MR>(xr, panel.data() + 16 * j, kPanel, K, col);
@@ -99,7 +126,7 @@ void panel_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes
             for (int j = 0; j < NR; ++j) {
               const int valid = static_cast<int>(std::min<int64_t>(16, ncols - 16 * j));
               const lb::v16f v = lb::finish(acc[i][j], 1.f, ep, n0 + 16 * j, valid);
-              store(out, m + i, n0 + 16 * j, reinterpret_cast<const float*>(&v), valid);
+              store(dst, m + i, n0 + 16 * j, reinterpret_cast<const float*>(&v), valid);
             }
         });
       }
@@ -116,6 +143,7 @@ constexpr int64_t kRowDotLanes = 8;
 #endif
 void rows_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes& codes, const lb::Epilogue& ep,
                at::Tensor& out) {
+  const OutRows dst(out);
   std::vector<float> xd(M * K);
   for (int64_t m = 0; m < M; ++m) lb::deinterleave(x.row(m), K, kRowDotLanes, xd.data() + m * K);
   const int64_t groups = K / codes.G;
@@ -145,7 +173,7 @@ void rows_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes&
         lb::v16f v = lb::splat(0.f);
         for (int j = 0; j < valid; ++j) v[j] = acc[j * M + m];
         v = lb::finish(v, 1.f, ep, n0, valid);
-        store(out, m, n0, reinterpret_cast<const float*>(&v), valid);
+        store(dst, m, n0, reinterpret_cast<const float*>(&v), valid);
       }
     }
   });

@@ -89,6 +89,7 @@ void run_tile(int mr, int nr, const lb::IntRows& rows, const int8_t* w, int64_t 
 }
 
 void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const lb::Epilogue& ep, at::Tensor& out) {
+  const OutRows dst(out);
   const int64_t M = p.M, KQ = lb::ceil_div(K, 4), bb = lb::block_bytes(K);
   const int64_t NB = lb::ceil_div(N, lb::kBlockN);
   const bool unsigned_w = w.codes != nullptr;
@@ -141,7 +142,7 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
           run_tile<true>(mr, nr, rows, wb, stride, KQ, n0, N, ep);
         else
           run_tile<false>(mr, nr, rows, wb, stride, KQ, n0, N, ep);
-        for (int i = 0; i < mr; ++i) store(out, m + i, n0, stage[i], ncols);
+        for (int i = 0; i < mr; ++i) store(dst, m + i, n0, stage[i], ncols);
       }
     };
   });
@@ -157,6 +158,7 @@ constexpr int64_t kInt4Lanes = 32;
 #endif
 void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K, const lb::Epilogue& ep,
                     at::Tensor& out) {
+  const OutRows dst(out);
   const int64_t M = p.M;
   std::vector<int8_t> xd(M * K);
   for (int64_t m = 0; m < M; ++m)
@@ -182,7 +184,7 @@ void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K
           lb::v16f v = lb::splat(0.f);
           for (int j = 0; j < valid; ++j) v[j] = static_cast<float>(acc[j][i] - p.rowc[m0 + i]);
           v = lb::finish(v, p.scale[m0 + i], ep, n0, valid);
-          store(out, m0 + i, n0, reinterpret_cast<const float*>(&v), valid);
+          store(dst, m0 + i, n0, reinterpret_cast<const float*>(&v), valid);
         }
       }
     }
