@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace vitk {
@@ -86,94 +88,146 @@ inline int64_t reflect(int64_t p, int64_t n) {
   return p < n ? p : period - 1 - p;
 }
 
+// The positions the extension's 2 * kMaxHalf values come from, for a line of length n: x[-d]
+// = x[at[d - 1]] and x[n - 1 + d] = x[at[kMaxHalf + d - 1]]. Computed once per plane size (the
+// modulo in reflect costs more than the copies).
+struct Extension {
+  int64_t n = -1;
+  int64_t at[2 * kMaxHalf];
+  void size_for(int64_t len) {
+    if (len == n) return;
+    n = len;
+    for (int d = 1; d <= kMaxHalf; ++d) {
+      at[d - 1] = reflect(-d, n);
+      at[kMaxHalf + d - 1] = reflect(n - 1 + d, n);
+    }
+  }
+};
+
 // ext holds x[-kMaxHalf .. n + kMaxHalf) for x = ext + kMaxHalf, x[0..n) already written.
 template <typename acc_t>
-inline void extend(acc_t* ext, int64_t n) {
+inline void extend(acc_t* ext, const Extension& e) {
   acc_t* x = ext + kMaxHalf;
   for (int d = 1; d <= kMaxHalf; ++d) {
-    x[-d] = x[reflect(-d, n)];
-    x[n - 1 + d] = x[reflect(n - 1 + d, n)];
+    x[-d] = x[e.at[d - 1]];
+    x[e.n - 1 + d] = x[e.at[kMaxHalf + d - 1]];
   }
 }
 
-// Output positions are produced kLanes at a time (one 64-byte vector), every tap accumulated in
+// Output positions are produced kLanes at a time (one 64-byte chunk), every tap accumulated in
 // registers before the one store: per tap pair only the two input loads remain. The lines a filter
 // reads are given as pointers per tap offset d in [-kMaxHalf, kMaxHalf] (taps[kMaxHalf + d]): a row
 // with its extension, or the reflected rows of a plane for a column filter. Buffers are padded so a
 // chunk may read and write up to kLanes - 1 values past the end of a line.
+//
+// The arithmetic is on GCC vector types (the widest the target has, up to 64 bytes; a chunk is
+// kUnroll of them) and the half-lengths are template arguments (the banks hold 6 and 9), so the tap
+// loop unrolls with no test per tap and the accumulators are values in registers. Written as
+// `omp simd` loops over arrays, GCC kept the accumulators in stack arrays, reloading and storing them
+// at every tap (about 4x slower).
 template <typename acc_t>
 constexpr int kLanes = 64 / static_cast<int>(sizeof(acc_t));
 
-// y1 = f1 * lines, y2 = f2 * lines (two filters over the same input, sharing its loads).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+constexpr int kUnroll = 64 / kVectorBytes;
+
 template <typename acc_t>
+struct Vector {
+  typedef acc_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename acc_t>
+constexpr int kVectorLanes = kVectorBytes / static_cast<int>(sizeof(acc_t));
+
+template <typename acc_t>
+inline typename Vector<acc_t>::type vload(const acc_t* p) {
+  typename Vector<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename acc_t>
+inline void vstore(acc_t* p, typename Vector<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The taps of a filter as a flat array: c[0] the centre, c[d] the pair at distance d, zero past
+// its half-length up to N.
+template <int N, typename acc_t>
+inline void flat_taps(const Filter<acc_t>& f, acc_t* c) {
+  c[0] = f.centre;
+  for (int d = 1; d <= N; ++d) c[d] = d <= f.half ? f.side[d - 1] : acc_t(0);
+}
+
+// y1 = f1 * lines, y2 = f2 * lines (two filters over the same input, sharing its loads), for
+// filters of half-lengths H1 and H2.
+template <int H1, int H2, typename acc_t>
 inline void filter_pair(const acc_t* const* taps, int64_t n, const Filter<acc_t>& f1, const Filter<acc_t>& f2,
                         acc_t* __restrict y1, acc_t* __restrict y2) {
-  constexpr int V = kLanes<acc_t>;
-  const acc_t* centre = taps[kMaxHalf];
-  const int half = std::max(f1.half, f2.half);
-  for (int64_t j0 = 0; j0 < n; j0 += V) {
-    acc_t a1[V], a2[V];
-#pragma omp simd
-    for (int l = 0; l < V; ++l) {
-      a1[l] = f1.centre * centre[j0 + l];
-      a2[l] = f2.centre * centre[j0 + l];
+  using vec = typename Vector<acc_t>::type;
+  constexpr int L = kVectorLanes<acc_t>, U = kUnroll;
+  constexpr int Hm = H1 > H2 ? H1 : H2;
+  acc_t c1[Hm + 1], c2[Hm + 1];
+  flat_taps<Hm>(f1, c1);
+  flat_taps<Hm>(f2, c2);
+  for (int64_t j0 = 0; j0 < n; j0 += U * L) {
+    vec a1[U], a2[U];
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) {
+      const vec x = vload(taps[kMaxHalf] + j0 + u * L);
+      a1[u] = c1[0] * x;
+      a2[u] = c2[0] * x;
     }
-    for (int d = 1; d <= half; ++d) {
-      // Zero taps are applied too, so a NaN or inf anywhere in the support gives NaN as in a convolution.
-      const acc_t t1 = d <= f1.half ? f1.side[d - 1] : acc_t(0);
-      const acc_t t2 = d <= f2.half ? f2.side[d - 1] : acc_t(0);
-      const acc_t* __restrict m = taps[kMaxHalf - d] + j0;
-      const acc_t* __restrict p = taps[kMaxHalf + d] + j0;
-      if (d <= f1.half && d <= f2.half) {
-#pragma omp simd
-        for (int l = 0; l < V; ++l) {
-          const acc_t sum = m[l] + p[l];
-          a1[l] += t1 * sum;
-          a2[l] += t2 * sum;
-        }
-      } else if (d <= f1.half) {
-#pragma omp simd
-        for (int l = 0; l < V; ++l) a1[l] += t1 * (m[l] + p[l]);
-      } else {
-#pragma omp simd
-        for (int l = 0; l < V; ++l) a2[l] += t2 * (m[l] + p[l]);
+    // Zero taps are applied too, so a NaN or inf anywhere in the support gives NaN as in a convolution.
+#pragma GCC unroll 16
+    for (int d = 1; d <= Hm; ++d) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) {
+        const vec sum = vload(taps[kMaxHalf - d] + j0 + u * L) + vload(taps[kMaxHalf + d] + j0 + u * L);
+        if (d <= H1) a1[u] += c1[d] * sum;
+        if (d <= H2) a2[u] += c2[d] * sum;
       }
     }
-#pragma omp simd
-    for (int l = 0; l < V; ++l) {
-      y1[j0 + l] = a1[l];
-      y2[j0 + l] = a2[l];
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) {
+      vstore(y1 + j0 + u * L, a1[u]);
+      vstore(y2 + j0 + u * L, a2[u]);
     }
   }
 }
 
-// y = fa * lines_a + fb * lines_b (two filtered inputs summed, as the synthesis bank does).
-template <typename acc_t>
+// acc[u] += c[d] * (x[j - d] + x[j + d]) for d = 1..H, over the chunk at j0 of the lines `taps`.
+template <int H, typename acc_t>
+inline void add_tap_pairs(typename Vector<acc_t>::type* acc, const acc_t* const* taps, const acc_t* c, int64_t j0) {
+  constexpr int L = kVectorLanes<acc_t>;
+#pragma GCC unroll 16
+  for (int d = 1; d <= H; ++d) {
+#pragma GCC unroll 2
+    for (int u = 0; u < kUnroll; ++u)
+      acc[u] += c[d] * (vload(taps[kMaxHalf - d] + j0 + u * L) + vload(taps[kMaxHalf + d] + j0 + u * L));
+  }
+}
+
+// y = fa * lines_a + fb * lines_b (two filtered inputs summed, as the synthesis bank does), for
+// filters of half-lengths HA and HB: both centre taps, then a's pairs, then b's.
+template <int HA, int HB, typename acc_t>
 inline void filter_sum(const acc_t* const* ta, const Filter<acc_t>& fa, const acc_t* const* tb,
                        const Filter<acc_t>& fb, int64_t n, acc_t* __restrict y) {
-  constexpr int V = kLanes<acc_t>;
-  for (int64_t j0 = 0; j0 < n; j0 += V) {
-    acc_t acc[V];
-    const acc_t* __restrict ca = ta[kMaxHalf] + j0;
-    const acc_t* __restrict cb = tb[kMaxHalf] + j0;
-#pragma omp simd
-    for (int l = 0; l < V; ++l) acc[l] = fa.centre * ca[l] + fb.centre * cb[l];
-    for (int d = 1; d <= fa.half; ++d) {
-      const acc_t t = fa.side[d - 1];
-      const acc_t* __restrict m = ta[kMaxHalf - d] + j0;
-      const acc_t* __restrict p = ta[kMaxHalf + d] + j0;
-#pragma omp simd
-      for (int l = 0; l < V; ++l) acc[l] += t * (m[l] + p[l]);
-    }
-    for (int d = 1; d <= fb.half; ++d) {
-      const acc_t t = fb.side[d - 1];
-      const acc_t* __restrict m = tb[kMaxHalf - d] + j0;
-      const acc_t* __restrict p = tb[kMaxHalf + d] + j0;
-#pragma omp simd
-      for (int l = 0; l < V; ++l) acc[l] += t * (m[l] + p[l]);
-    }
-#pragma omp simd
-    for (int l = 0; l < V; ++l) y[j0 + l] = acc[l];
+  constexpr int L = kVectorLanes<acc_t>;
+  acc_t ca[HA + 1], cb[HB + 1];
+  flat_taps<HA>(fa, ca);
+  flat_taps<HB>(fb, cb);
+  for (int64_t j0 = 0; j0 < n; j0 += kUnroll * L) {
+    typename Vector<acc_t>::type acc[kUnroll];
+#pragma GCC unroll 2
+    for (int u = 0; u < kUnroll; ++u)
+      acc[u] = ca[0] * vload(ta[kMaxHalf] + j0 + u * L) + cb[0] * vload(tb[kMaxHalf] + j0 + u * L);
+    add_tap_pairs<HA>(acc, ta, ca, j0);
+    add_tap_pairs<HB>(acc, tb, cb, j0);
+#pragma GCC unroll 2
+    for (int u = 0; u < kUnroll; ++u) vstore(y + j0 + u * L, acc[u]);
   }
 }
 
@@ -183,45 +237,62 @@ inline void line_taps(const acc_t* x, const acc_t** taps) {
   for (int d = -kMaxHalf; d <= kMaxHalf; ++d) taps[kMaxHalf + d] = x + d;
 }
 
-// The tap pointers of a column filter at output row i of plane [H][W]: its reflected rows.
+// The tap pointers of a column filter at output row i of plane [H][W]: its reflected rows, from the
+// table rows[i + kMaxHalf + d] of reflected row indices (Scratch::rows_at).
 template <typename acc_t>
-inline void column_taps(const acc_t* plane, int64_t H, int64_t W, int64_t i, const acc_t** taps) {
-  for (int d = -kMaxHalf; d <= kMaxHalf; ++d) taps[kMaxHalf + d] = plane + reflect(i + d, H) * W;
+inline void column_taps(const acc_t* plane, int64_t W, const int64_t* rows, int64_t i, const acc_t** taps) {
+  for (int d = -kMaxHalf; d <= kMaxHalf; ++d) taps[kMaxHalf + d] = plane + rows[i + kMaxHalf + d] * W;
 }
 
-// The quad map and its transpose, as sign matrices over x = (x0[2j], x0[2j + 1], x1[2j], x1[2j + 1]):
+// The quad map and its inverse (also its transpose), on x = (x0[2j], x0[2j + 1], x1[2j], x1[2j + 1]):
 // the quads a b / c d to the complex pair z1 = (a - d) + i(b + c), z2 = (a + d) + i(b - c), and back.
-inline constexpr int kQuadsToComplex[4][4] = {{1, 0, 0, -1}, {0, 1, 1, 0}, {1, 0, 0, 1}, {0, 1, -1, 0}};
-inline constexpr int kComplexToQuads[4][4] = {{1, 0, 1, 0}, {0, 1, 0, 1}, {0, 1, 0, -1}, {-1, 0, 1, 0}};
+// Written out per value: a sign-matrix form vectorized into gathers.
+struct QuadsToComplex {
+  template <typename acc_t>
+  static void map(acc_t a, acc_t b, acc_t c, acc_t d, acc_t* o) {
+    o[0] = a - d;
+    o[1] = b + c;
+    o[2] = a + d;
+    o[3] = b - c;
+  }
+};
+struct ComplexToQuads {
+  template <typename acc_t>
+  static void map(acc_t p, acc_t q, acc_t u, acc_t v, acc_t* o) {
+    o[0] = p + u;
+    o[1] = q + v;
+    o[2] = q - v;
+    o[3] = u - p;
+  }
+};
 
-// (o0[2j], o0[2j + 1], o1[2j], o1[2j + 1]) = M x / sqrt(2) for j < w: pairs interleaved in each row.
-template <const int (&M)[4][4], typename acc_t>
+// (o0[2j], o0[2j + 1], o1[2j], o1[2j + 1]) = Map(x) / sqrt(2) for j < w: pairs interleaved in each row.
+template <typename Map, typename acc_t>
 inline void quad_map(const acc_t* __restrict x0, const acc_t* __restrict x1, int64_t w, acc_t* __restrict o0,
                      acc_t* __restrict o1) {
   const acc_t s = static_cast<acc_t>(kInvSqrt2);
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
-    const acc_t x[4] = {x0[2 * j], x0[2 * j + 1], x1[2 * j], x1[2 * j + 1]};
     acc_t o[4];
-    for (int r = 0; r < 4; ++r) o[r] = s * (M[r][0] * x[0] + M[r][1] * x[1] + M[r][2] * x[2] + M[r][3] * x[3]);
-    o0[2 * j] = o[0];
-    o0[2 * j + 1] = o[1];
-    o1[2 * j] = o[2];
-    o1[2 * j + 1] = o[3];
+    Map::map(x0[2 * j], x0[2 * j + 1], x1[2 * j], x1[2 * j + 1], o);
+    o0[2 * j] = s * o[0];
+    o0[2 * j + 1] = s * o[1];
+    o1[2 * j] = s * o[2];
+    o1[2 * j + 1] = s * o[3];
   }
 }
 
 // Rows r0 (even) and r1 (odd) of a subband, W = 2w values each, into the two complex rows of its
-// orientations, interleaved (re, im), scaled by 1/sqrt(2), for the quads a b / c d.
+// orientations, interleaved (re, im), scaled by 1/sqrt(2).
 template <typename acc_t>
 inline void quads_to_complex(const acc_t* r0, const acc_t* r1, int64_t w, acc_t* z1, acc_t* z2) {
-  quad_map<kQuadsToComplex>(r0, r1, w, z1, z2);
+  quad_map<QuadsToComplex>(r0, r1, w, z1, z2);
 }
 
-// The inverse (and transpose): two complex rows back into rows r0 and r1 of the subband.
+// The inverse: two complex rows back into rows r0 and r1 of the subband.
 template <typename acc_t>
 inline void complex_to_quads(const acc_t* z1, const acc_t* z2, int64_t w, acc_t* r0, acc_t* r1) {
-  quad_map<kComplexToQuads>(z1, z2, w, r0, r1);
+  quad_map<ComplexToQuads>(z1, z2, w, r0, r1);
 }
 
 // Which subband (0 lh, 1 hl, 2 hh) and which of its two complex images each orientation is, in the
@@ -229,21 +300,40 @@ inline void complex_to_quads(const acc_t* z1, const acc_t* z2, int64_t w, acc_t*
 constexpr int kOrientBand[6] = {0, 2, 1, 1, 2, 0};
 constexpr int kOrientPart[6] = {0, 0, 0, 1, 1, 1};
 
-// Per-thread buffers, sized once per plane size, zeroed once (the padding chunks read stays finite).
+// Per-thread buffers, sized once per plane size, zeroed once (the padding chunks read stays finite),
+// with the extension's positions and the table of reflected row indices for that size.
 template <typename acc_t>
 struct Scratch {
   std::vector<acc_t> planes, rows;
-  int64_t pitch = 0;
+  std::vector<int64_t> rows_at;  // rows_at[i + kMaxHalf] = reflect(i, H) for i in [-kMaxHalf, H + kMaxHalf)
+  Extension ext;
+  int64_t pitch = 0, height = -1;
   void size_for(int64_t H, int64_t W, int n_planes) {
     const size_t want = static_cast<size_t>(n_planes * (H * W + kLanes<acc_t>));
     if (planes.size() < want) planes.resize(want);
     pitch = (W + kLanes<acc_t> - 1) / kLanes<acc_t> * kLanes<acc_t> + 2 * kMaxHalf + kLanes<acc_t>;
     if (rows.size() < static_cast<size_t>(10 * pitch)) rows.resize(static_cast<size_t>(10 * pitch));
+    ext.size_for(W);
+    if (height != H) {
+      height = H;
+      rows_at.resize(static_cast<size_t>(H + 2 * kMaxHalf));
+      for (int64_t i = -kMaxHalf; i < H + kMaxHalf; ++i) rows_at[i + kMaxHalf] = reflect(i, H);
+    }
   }
   // Each plane is followed by one chunk of padding, so a chunk run past its last row stays its own.
   acc_t* plane(int k, int64_t H, int64_t W) { return planes.data() + k * (H * W + kLanes<acc_t>); }
   acc_t* row(int k) { return rows.data() + k * pitch + kMaxHalf; }
 };
+
+// Both banks pair a 13-tap and a 19-tap filter (half-lengths 6 and 9): the lowpass is the short one
+// in analysis_bank, the long one in synthesis_bank. f(lo_half, hi_half) runs with them as constants.
+template <typename acc_t, typename F>
+inline void with_halves(const Bank<acc_t>& bank, F&& f) {
+  if (bank.lo.half == 6)
+    f(std::integral_constant<int, 6>{}, std::integral_constant<int, 9>{});
+  else
+    f(std::integral_constant<int, 9>{}, std::integral_constant<int, 6>{});
+}
 
 // Analysis of one H x W plane (both even). load_row(r, dst) writes row r (W values);
 // store_low(r, row) takes row r of ll; store_band(o, i, row) row i of orientation o (2w = W values,
@@ -251,37 +341,41 @@ struct Scratch {
 template <typename acc_t, typename LoadRow, typename StoreLow, typename StoreBand>
 void analysis(int64_t H, int64_t W, const Bank<acc_t>& bank, Scratch<acc_t>& s, LoadRow&& load_row,
               StoreLow&& store_low, StoreBand&& store_band) {
-  s.size_for(H, W, 2);
-  acc_t* L = s.plane(0, H, W);
-  acc_t* Hh = s.plane(1, H, W);
-  acc_t* ext = s.row(0);
-  const acc_t* taps[2 * kMaxHalf + 1];
-  line_taps<acc_t>(ext, taps);
-  // Row r's outputs run up to kLanes - 1 values into row r + 1, which is written after it.
-  for (int64_t r = 0; r < H; ++r) {
-    load_row(r, ext);
-    extend(ext - kMaxHalf, W);
-    filter_pair(taps, W, bank.lo, bank.hi, L + r * W, Hh + r * W);
-  }
-  const int64_t w = W / 2;
-  acc_t* band[3][2] = {{s.row(1), s.row(2)}, {s.row(3), s.row(4)}, {s.row(5), s.row(6)}};
-  acc_t* z[2] = {s.row(7), s.row(8)};
-  acc_t* low = s.row(9);
-  for (int64_t i = 0; i < H / 2; ++i) {
-    for (int k = 0; k < 2; ++k) {
-      const int64_t r = 2 * i + k;
-      column_taps<acc_t>(L, H, W, r, taps);
-      filter_pair(taps, W, bank.lo, bank.hi, low, band[0][k]);
-      store_low(r, static_cast<const acc_t*>(low));
-      column_taps<acc_t>(Hh, H, W, r, taps);
-      filter_pair(taps, W, bank.lo, bank.hi, band[1][k], band[2][k]);
+  with_halves(bank, [&](auto lo_half, auto hi_half) {
+    constexpr int HL = decltype(lo_half)::value, HH = decltype(hi_half)::value;
+    s.size_for(H, W, 2);
+    acc_t* L = s.plane(0, H, W);
+    acc_t* Hh = s.plane(1, H, W);
+    acc_t* ext = s.row(0);
+    const int64_t* rows_at = s.rows_at.data();
+    const acc_t* taps[2 * kMaxHalf + 1];
+    line_taps<acc_t>(ext, taps);
+    // Row r's outputs run up to kLanes - 1 values into row r + 1, which is written after it.
+    for (int64_t r = 0; r < H; ++r) {
+      load_row(r, ext);
+      extend(ext - kMaxHalf, s.ext);
+      filter_pair<HL, HH>(taps, W, bank.lo, bank.hi, L + r * W, Hh + r * W);
     }
-    for (int b = 0; b < 3; ++b) {
-      quads_to_complex(band[b][0], band[b][1], w, z[0], z[1]);
-      for (int o = 0; o < 6; ++o)
-        if (kOrientBand[o] == b) store_band(o, i, static_cast<const acc_t*>(z[kOrientPart[o]]));
+    const int64_t w = W / 2;
+    acc_t* band[3][2] = {{s.row(1), s.row(2)}, {s.row(3), s.row(4)}, {s.row(5), s.row(6)}};
+    acc_t* z[2] = {s.row(7), s.row(8)};
+    acc_t* low = s.row(9);
+    for (int64_t i = 0; i < H / 2; ++i) {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t r = 2 * i + k;
+        column_taps<acc_t>(L, W, rows_at, r, taps);
+        filter_pair<HL, HH>(taps, W, bank.lo, bank.hi, low, band[0][k]);
+        store_low(r, static_cast<const acc_t*>(low));
+        column_taps<acc_t>(Hh, W, rows_at, r, taps);
+        filter_pair<HL, HH>(taps, W, bank.lo, bank.hi, band[1][k], band[2][k]);
+      }
+      for (int b = 0; b < 3; ++b) {
+        quads_to_complex(band[b][0], band[b][1], w, z[0], z[1]);
+        for (int o = 0; o < 6; ++o)
+          if (kOrientBand[o] == b) store_band(o, i, static_cast<const acc_t*>(z[kOrientPart[o]]));
+      }
     }
-  }
+  });
 }
 
 // Synthesis of one H x W plane (both even). load_low(r, dst) writes row r of ll (W values);
@@ -289,39 +383,43 @@ void analysis(int64_t H, int64_t W, const Bank<acc_t>& bank, Scratch<acc_t>& s, 
 template <typename acc_t, typename LoadLow, typename LoadBand, typename Store>
 void synthesis(int64_t H, int64_t W, const Bank<acc_t>& bank, Scratch<acc_t>& s, LoadLow&& load_low,
                LoadBand&& load_band, Store&& store) {
-  s.size_for(H, W, 4);
-  acc_t* P[4] = {s.plane(0, H, W), s.plane(1, H, W), s.plane(2, H, W), s.plane(3, H, W)};  // ll lh hl hh
-  const int64_t w = W / 2;
-  acc_t* z[2] = {s.row(0), s.row(1)};
-  for (int64_t r = 0; r < H; ++r) load_low(r, P[0] + r * W);
-  for (int64_t i = 0; i < H / 2; ++i) {
-    for (int b = 0; b < 3; ++b) {
-      for (int o = 0; o < 6; ++o)
-        if (kOrientBand[o] == b) load_band(o, i, z[kOrientPart[o]]);
-      complex_to_quads(z[0], z[1], w, P[1 + b] + 2 * i * W, P[1 + b] + (2 * i + 1) * W);
+  with_halves(bank, [&](auto lo_half, auto hi_half) {
+    constexpr int HL = decltype(lo_half)::value, HH = decltype(hi_half)::value;
+    s.size_for(H, W, 4);
+    acc_t* P[4] = {s.plane(0, H, W), s.plane(1, H, W), s.plane(2, H, W), s.plane(3, H, W)};  // ll lh hl hh
+    const int64_t w = W / 2;
+    const int64_t* rows_at = s.rows_at.data();
+    acc_t* z[2] = {s.row(0), s.row(1)};
+    for (int64_t r = 0; r < H; ++r) load_low(r, P[0] + r * W);
+    for (int64_t i = 0; i < H / 2; ++i) {
+      for (int b = 0; b < 3; ++b) {
+        for (int o = 0; o < 6; ++o)
+          if (kOrientBand[o] == b) load_band(o, i, z[kOrientPart[o]]);
+        complex_to_quads(z[0], z[1], w, P[1 + b] + 2 * i * W, P[1 + b] + (2 * i + 1) * W);
+      }
     }
-  }
-  acc_t* lo = s.row(2);
-  acc_t* hi = s.row(3);
-  acc_t* y = s.row(4);
-  const acc_t* ta[2 * kMaxHalf + 1];
-  const acc_t* tb[2 * kMaxHalf + 1];
-  const acc_t* tl[2 * kMaxHalf + 1];
-  const acc_t* th[2 * kMaxHalf + 1];
-  line_taps<acc_t>(lo, tl);
-  line_taps<acc_t>(hi, th);
-  for (int64_t r = 0; r < H; ++r) {
-    column_taps<acc_t>(P[0], H, W, r, ta);
-    column_taps<acc_t>(P[1], H, W, r, tb);
-    filter_sum(ta, bank.lo, tb, bank.hi, W, lo);
-    column_taps<acc_t>(P[2], H, W, r, ta);
-    column_taps<acc_t>(P[3], H, W, r, tb);
-    filter_sum(ta, bank.lo, tb, bank.hi, W, hi);
-    extend(lo - kMaxHalf, W);
-    extend(hi - kMaxHalf, W);
-    filter_sum(tl, bank.lo, th, bank.hi, W, y);
-    store(r, static_cast<const acc_t*>(y));
-  }
+    acc_t* lo = s.row(2);
+    acc_t* hi = s.row(3);
+    acc_t* y = s.row(4);
+    const acc_t* ta[2 * kMaxHalf + 1];
+    const acc_t* tb[2 * kMaxHalf + 1];
+    const acc_t* tl[2 * kMaxHalf + 1];
+    const acc_t* th[2 * kMaxHalf + 1];
+    line_taps<acc_t>(lo, tl);
+    line_taps<acc_t>(hi, th);
+    for (int64_t r = 0; r < H; ++r) {
+      column_taps<acc_t>(P[0], W, rows_at, r, ta);
+      column_taps<acc_t>(P[1], W, rows_at, r, tb);
+      filter_sum<HL, HH>(ta, bank.lo, tb, bank.hi, W, lo);
+      column_taps<acc_t>(P[2], W, rows_at, r, ta);
+      column_taps<acc_t>(P[3], W, rows_at, r, tb);
+      filter_sum<HL, HH>(ta, bank.lo, tb, bank.hi, W, hi);
+      extend(lo - kMaxHalf, s.ext);
+      extend(hi - kMaxHalf, s.ext);
+      filter_sum<HL, HH>(tl, bank.lo, th, bank.hi, W, y);
+      store(r, static_cast<const acc_t*>(y));
+    }
+  });
 }
 
 }  // namespace dtcwt
