@@ -4,7 +4,8 @@
 // The unit of work is one image: its C planes are analysed one by one (vitk/dtcwt_plane.h), the
 // weighted lowpass kept per channel and the highpass written position-major ([6 h w][C], real and
 // imaginary apart) into a per-thread buffer, so each position's channel vector is contiguous for
-// the MLP, which then runs in place, block by block, with both layers' outputs held in registers.
+// the MLP, which then runs in place, block by block: for the common block sizes (8, 16, 32) a few
+// positions at a time share each weight row's loads, with both layers' accumulators in registers.
 // The synthesis reads that buffer back per channel and writes the output straight into [H, W, C].
 // x is read once and the output written once; the [B, C, 6, H/2, W/2, 2] highpass never exists,
 // only one image's share of it (C * 6 * H/2 * W/2 * 2 values, about 2.4 MB at SVT-S stage 1),
@@ -15,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "vitk/checks.h"
@@ -47,11 +49,48 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
   return out;
 }
 
-// One complex block layer on the channel vector (zr, zi) of one position, block n:
-// (yr + i yi) = (zr + i zi)(Wr + i Wi) + (br + i bi), over the block's bs channels.
+// One complex block layer on the channel vectors (zr, zi) of P positions (row stride ld), block n:
+// (yr + i yi) = (zr + i zi)(Wr + i Wi) + (br + i bi) over the block's BS channels, ReLU'd on both
+// parts when `relu`. Each weight row is loaded once for the P positions and the P * 2 * BS
+// accumulators (64 floats for the P chosen below) stay in registers.
+template <int BS, int P, typename acc_t>
+inline void complex_layer_tile(const acc_t* zr, const acc_t* zi, int64_t ld, const acc_t* wr, const acc_t* wi,
+                               const acc_t* br, const acc_t* bi, bool relu, acc_t* yr, acc_t* yi, int64_t ldy) {
+  acc_t ar[P][BS], ai[P][BS];
+  for (int p = 0; p < P; ++p) {
+#pragma omp simd
+    for (int k = 0; k < BS; ++k) {
+      ar[p][k] = br[k];
+      ai[p][k] = bi[k];
+    }
+  }
+  for (int d = 0; d < BS; ++d) {
+    const acc_t* __restrict r = wr + d * BS;
+    const acc_t* __restrict i = wi + d * BS;
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const acc_t a = zr[p * ld + d], b = zi[p * ld + d];
+#pragma omp simd
+      for (int k = 0; k < BS; ++k) {
+        ar[p][k] += a * r[k] - b * i[k];
+        ai[p][k] += a * i[k] + b * r[k];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+#pragma omp simd
+    for (int k = 0; k < BS; ++k) {
+      // max(v, 0) written so that a NaN stays NaN, as torch.relu keeps it.
+      yr[p * ldy + k] = relu && ar[p][k] < acc_t(0) ? acc_t(0) : ar[p][k];
+      yi[p * ldy + k] = relu && ai[p][k] < acc_t(0) ? acc_t(0) : ai[p][k];
+    }
+  }
+}
+
+// The same for one position and a block size known only at run time.
 template <typename acc_t>
 inline void complex_layer(const acc_t* zr, const acc_t* zi, const acc_t* wr, const acc_t* wi, const acc_t* br,
-                          const acc_t* bi, int64_t bs, acc_t* __restrict yr, acc_t* __restrict yi) {
+                          const acc_t* bi, int64_t bs, bool relu, acc_t* __restrict yr, acc_t* __restrict yi) {
 #pragma omp simd
   for (int64_t k = 0; k < bs; ++k) {
     yr[k] = br[k];
@@ -67,6 +106,58 @@ inline void complex_layer(const acc_t* zr, const acc_t* zi, const acc_t* wr, con
       yi[k] += a * i[k] + b * r[k];
     }
   }
+  if (!relu) return;
+  for (int64_t k = 0; k < bs; ++k) {
+    yr[k] = yr[k] < acc_t(0) ? acc_t(0) : yr[k];
+    yi[k] = yi[k] < acc_t(0) ? acc_t(0) : yi[k];
+  }
+}
+
+// The block MLP of SVT over npos positions of (zr, zi) [npos, C], in place: per block n, layer 1,
+// ReLU, layer 2. w1, b1, w2, b2 hold the real parts followed by the imaginary parts.
+template <int BS, typename acc_t>
+void block_mlp_tiles(acc_t* zr, acc_t* zi, int64_t npos, int64_t C, int64_t nb, const acc_t* w1, const acc_t* b1,
+                     const acc_t* w2, const acc_t* b2) {
+  constexpr int P = BS >= 32 ? 1 : 32 / BS;
+  const int64_t wstride = nb * BS * BS, bstride = nb * BS;
+  acc_t hr[P * BS], hi[P * BS];
+  const auto run = [&](auto tile, int64_t p, int64_t n) {
+    constexpr int Q = decltype(tile)::value;
+    const int64_t wo = n * BS * BS, bo = n * BS;
+    acc_t* pr = zr + p * C + n * BS;
+    acc_t* pi = zi + p * C + n * BS;
+    complex_layer_tile<BS, Q>(pr, pi, C, w1 + wo, w1 + wstride + wo, b1 + bo, b1 + bstride + bo, true, hr, hi, BS);
+    complex_layer_tile<BS, Q>(hr, hi, BS, w2 + wo, w2 + wstride + wo, b2 + bo, b2 + bstride + bo, false, pr, pi, C);
+  };
+  int64_t p = 0;
+  for (; p + P <= npos; p += P)
+    for (int64_t n = 0; n < nb; ++n) run(std::integral_constant<int, P>{}, p, n);
+  for (; p < npos; ++p)
+    for (int64_t n = 0; n < nb; ++n) run(std::integral_constant<int, 1>{}, p, n);
+}
+
+template <typename acc_t>
+void block_mlp(acc_t* zr, acc_t* zi, int64_t npos, int64_t C, int64_t nb, int64_t bs, const acc_t* w1,
+               const acc_t* b1, const acc_t* w2, const acc_t* b2) {
+  switch (bs) {
+    case 8: return block_mlp_tiles<8>(zr, zi, npos, C, nb, w1, b1, w2, b2);
+    case 16: return block_mlp_tiles<16>(zr, zi, npos, C, nb, w1, b1, w2, b2);
+    case 32: return block_mlp_tiles<32>(zr, zi, npos, C, nb, w1, b1, w2, b2);
+    default: break;
+  }
+  const int64_t wstride = nb * bs * bs, bstride = nb * bs;
+  std::vector<acc_t> hr(static_cast<size_t>(bs)), hi(static_cast<size_t>(bs));
+  for (int64_t p = 0; p < npos; ++p) {
+    acc_t* pr = zr + p * C;
+    acc_t* pi = zi + p * C;
+    for (int64_t n = 0; n < nb; ++n) {
+      const int64_t wo = n * bs * bs, bo = n * bs;
+      complex_layer(pr + n * bs, pi + n * bs, w1 + wo, w1 + wstride + wo, b1 + bo, b1 + bstride + bo, bs, true,
+                    hr.data(), hi.data());
+      complex_layer(hr.data(), hi.data(), w2 + wo, w2 + wstride + wo, b2 + bo, b2 + bstride + bo, bs, false,
+                    pr + n * bs, pi + n * bs);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -79,7 +170,6 @@ at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::
   if (out.numel() == 0) return out;
   const std::vector<acc_t> wll = to_acc<acc_t>(weight_ll), w1 = to_acc<acc_t>(weight_1), b1 = to_acc<acc_t>(bias_1),
                            w2 = to_acc<acc_t>(weight_2), b2 = to_acc<acc_t>(bias_2);
-  const int64_t wstride = nb * bs * bs, bstride = nb * bs;  // real -> imaginary part of a weight / bias
   const auto fwd = dtcwt::analysis_bank<acc_t>();
   const auto inv = dtcwt::synthesis_bank<acc_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -88,7 +178,7 @@ at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1_) {
     dtcwt::Scratch<acc_t> s;
     std::vector<acc_t> low(static_cast<size_t>(C * H * W)), zr(static_cast<size_t>(npos * C)),
-        zi(static_cast<size_t>(npos * C)), hr(static_cast<size_t>(bs)), hi(static_cast<size_t>(bs));
+        zi(static_cast<size_t>(npos * C));
     for (int64_t b = b0; b < b1_; ++b) {
       const scalar_t* img = xp + b * sB;
       scalar_t* dst = op + b * H * W * C;
@@ -112,22 +202,7 @@ at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::
               }
             });
       }
-      for (int64_t p = 0; p < npos; ++p) {
-        acc_t* pr = zr.data() + p * C;
-        acc_t* pi = zi.data() + p * C;
-        for (int64_t n = 0; n < nb; ++n) {
-          const int64_t wo = n * bs * bs, bo = n * bs;
-          complex_layer(pr + n * bs, pi + n * bs, w1.data() + wo, w1.data() + wstride + wo, b1.data() + bo,
-                        b1.data() + bstride + bo, bs, hr.data(), hi.data());
-          for (int64_t k = 0; k < bs; ++k) {
-            // max(v, 0) written so that a NaN stays NaN, as torch.relu keeps it.
-            hr[k] = hr[k] < acc_t(0) ? acc_t(0) : hr[k];
-            hi[k] = hi[k] < acc_t(0) ? acc_t(0) : hi[k];
-          }
-          complex_layer(hr.data(), hi.data(), w2.data() + wo, w2.data() + wstride + wo, b2.data() + bo,
-                        b2.data() + bstride + bo, bs, pr + n * bs, pi + n * bs);
-        }
-      }
+      block_mlp(zr.data(), zi.data(), npos, C, nb, bs, w1.data(), b1.data(), w2.data(), b2.data());
       for (int64_t c = 0; c < C; ++c) {
         const acc_t* lc = low.data() + c * H * W;
         dtcwt::synthesis(
@@ -151,8 +226,8 @@ at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::
 
 }  // namespace
 
-at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
-                            const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
+void check_svt_arguments(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+                         const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
   check_dtype_in(x, "x", kFloatTypes);
   check_device_type(x, "x", c10::DeviceType::CPU);
   TORCH_CHECK_VALUE(x.dim() == 4, "x: expected 4 dimensions [B, H, W, C], got shape ", x.sizes());
@@ -170,6 +245,12 @@ at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, co
   check_param(bias_1, "bias_1", x, {2, nb, bs}, "[2, nb, bs]");
   check_param(weight_2, "weight_2", x, {2, nb, bs, bs}, "[2, nb, bs, bs]");
   check_param(bias_2, "bias_2", x, {2, nb, bs}, "[2, nb, bs]");
+}
+
+at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+                            const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
+  check_svt_arguments(x, weight_ll, weight_1, bias_1, weight_2, bias_2);
+  const int64_t nb = weight_1.size(1), bs = weight_1.size(2);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "svt_spectral_mix", [&] {
     return svt_impl<scalar_t>(x, weight_ll, weight_1, bias_1, weight_2, bias_2);
   });
