@@ -24,15 +24,20 @@ TORCH_LIBRARY(vitk, m) {
         {at::Tag::pt2_compliant_tag});
   m.def("idtcwt2d_backward(Tensor grad_output) -> (Tensor grad_lowpass, Tensor grad_highpass)",
         {at::Tag::pt2_compliant_tag});
-  // SVT's whole spectral layer, channels-last, without the full highpass in memory.
   // GFNet's global filter, irfft2(rfft2(x) * weight) with norm="ortho", channels-last; the backward
   // gives grad_x (the same filter conjugated) and grad_weight, each empty when not asked for.
   m.def("global_filter(Tensor x, Tensor weight) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("global_filter_backward(Tensor grad_output, Tensor x, Tensor weight, bool x_grad, bool weight_grad) "
         "-> (Tensor grad_x, Tensor grad_weight)",
         {at::Tag::pt2_compliant_tag});
+  // SVT's whole spectral layer, channels-last, without the full highpass in memory.
   m.def("svt_spectral_mix(Tensor x, Tensor weight_ll, Tensor weight_1, Tensor bias_1, Tensor weight_2, "
         "Tensor bias_2) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Its backward: the gradients of all six inputs, the highpass recomputed, no [B, C, 6, ...] copies.
+  m.def("svt_spectral_mix_backward(Tensor grad_output, Tensor x, Tensor weight_ll, Tensor weight_1, Tensor bias_1, "
+        "Tensor weight_2, Tensor bias_2) -> (Tensor grad_x, Tensor grad_weight_ll, Tensor grad_weight_1, "
+        "Tensor grad_bias_1, Tensor grad_weight_2, Tensor grad_bias_2)",
         {at::Tag::pt2_compliant_tag});
   // Multi-Dimensional Hyena's 2-D long convolution (linear, top-left anchored) plus D * u; the backward
   // gives (grad_u, grad_k, grad_D), each empty when not asked for.

@@ -67,8 +67,10 @@ def _synthesis(op):
     return draw_call()
 
 
-@strategy("svt_spectral_mix")
+@strategy("svt_spectral_mix", "svt_spectral_mix_backward")
 def _svt(op):
+    names = ["x", "weight_ll", "weight_1", "bias_1", "weight_2", "bias_2"]
+
     @st.composite
     def draw_call(draw):
         B, H, W = draw(st.integers(0, 2)), 2 * draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
@@ -79,9 +81,14 @@ def _svt(op):
         x = draw(laid_out(draw(values((B, H, W, C), dtype))))
         params = [draw(laid_out(draw(values(shape, pdtype)))) for shape in
                   ((C, H, W), (2, nb, bs, bs), (2, nb, bs), (2, nb, bs, bs), (2, nb, bs))]
-        call = Call((x, *params), reference=lambda *a: sref.svt_spectral_mix(*(t.double() for t in a)),
-                    exact_ok=tame(x, *params), grads=[0, 1, 2, 3, 4, 5])
-        return _maybe_mutated(draw, call, ["x", "weight_ll", "weight_1", "bias_1", "weight_2", "bias_2"])
+        if op == "svt_spectral_mix":
+            call = Call((x, *params), reference=lambda *a: sref.svt_spectral_mix(*(t.double() for t in a)),
+                        exact_ok=tame(x, *params), grads=[0, 1, 2, 3, 4, 5])
+            return _maybe_mutated(draw, call, names)
+        g = draw(laid_out(draw(values((B, H, W, C), dtype))))
+        call = Call((g, x, *params), reference=lambda g, *a: _vjp(sref.svt_spectral_mix, a, (g,)),
+                    exact_ok=tame(g, x, *params))
+        return _maybe_mutated(draw, call, ["grad_output"] + names)
     return draw_call()
 
 

@@ -21,3 +21,20 @@ def skip_unless_supported(op, backend, dtype, size=None):
     for impl in dispatch.impls(op):
         if impl.backend == backend and dtype not in impl.dtypes:
             pytest.skip(f"{op}'s {backend} backend does not take {dtype}")
+
+
+def interpreted(backend, device) -> bool:
+    """Triton kernels run by the interpreter on the CPU, where every case costs seconds."""
+    return backend == "triton" and device == "cpu"
+
+
+def same_nonfinite(got, want):
+    """Every output of ``got`` has NaN and infinities exactly where ``want``'s has them."""
+    import torch
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for g, w in zip(got, want, strict=True):
+        g = g.cpu()
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), f"NaN at {int(torch.isnan(g).sum())} outputs, " \
+            f"expected {int(torch.isnan(w).sum())}"
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), "infinities differ"

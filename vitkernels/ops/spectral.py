@@ -8,7 +8,8 @@ torch.ops.vitk.svt_spectral_mix(x, weight_ll, weight_1, bias_1, weight_2, bias_2
 torch.ops.vitk.global_filter(x, weight) -> Tensor                          (differentiable)
 torch.ops.vitk.fftconv2d(u, k, D=None) -> Tensor                          (differentiable)
 
-Schemas in csrc/vitk.cpp, C++ kernels in csrc/cpu/spectral/; this module declares the rest (checks,
+Schemas in csrc/vitk.cpp, C++ kernels in csrc/cpu/spectral/, Triton kernels in vitkernels/triton/spectral.py
+(global_filter, fftconv2d) and spectral_dtcwt.py (the wavelet ops); this module declares the rest (checks,
 fakes, backends, autograd) through ops/_define.py. The transforms are linear, so each backward is the
 adjoint filter bank, itself an op whose own backward is the forward op again (double backward works).
 """
@@ -43,6 +44,10 @@ def _highpass(name, hp, ref_name, ref):
                          f"got {tuple(hp.shape)}")
 
 
+# The wavelet ops' Triton kernels (vitkernels/triton/spectral_dtcwt.py), each a function of the op's name.
+_WAVELET_TRITON = triton("spectral_dtcwt", dtypes=ALL_FLOAT_DTYPES)
+
+
 def _highpass_of(t: torch.Tensor) -> torch.Tensor:
     B, C, H, W = t.shape
     return t.new_empty((B, C, 6, H // 2, W // 2, 2))
@@ -70,7 +75,7 @@ def _dtcwt_backward(ctx, grad_low, grad_high):
 
 
 define("dtcwt2d", check=_check_dtcwt, fake=_dtcwt_fake, autograd=(_dtcwt_backward, _dtcwt_setup),
-       backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES)])
+       backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
 
 
 # ---------------------------------------------------------------- dtcwt2d_backward
@@ -98,7 +103,8 @@ def _dtcwt_backward_backward(ctx, grad):
 
 
 define("dtcwt2d_backward", check=_check_dtcwt_backward, fake=_dtcwt_backward_fake,
-       autograd=(_dtcwt_backward_backward, _dtcwt_backward_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES)])
+       autograd=(_dtcwt_backward_backward, _dtcwt_backward_setup),
+       backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
 
 
 # ---------------------------------------------------------------- idtcwt2d
@@ -116,7 +122,7 @@ def _idtcwt_backward(ctx, grad):
 
 
 define("idtcwt2d", check=_check_idtcwt, fake=lambda lowpass, highpass: check.grad_like(lowpass),
-       autograd=(_idtcwt_backward, _idtcwt_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES)])
+       autograd=(_idtcwt_backward, _idtcwt_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
 
 
 # ---------------------------------------------------------------- idtcwt2d_backward
@@ -132,7 +138,8 @@ def _idtcwt_backward_backward(ctx, grad_low, grad_high):
 
 define("idtcwt2d_backward", check=_check_idtcwt_backward,
        fake=lambda g: (check.grad_like(g), _highpass_of(g)),
-       autograd=(_idtcwt_backward_backward, _idtcwt_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES)])
+       autograd=(_idtcwt_backward_backward, _idtcwt_setup),
+       backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
 
 
 # ---------------------------------------------------------------- svt_spectral_mix
@@ -162,50 +169,29 @@ def _svt_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _block_layer(r, i, w, b):
-    mm = lambda a, m: torch.einsum("...nd,ndk->...nk", a, m)  # noqa: E731
-    return mm(r, w[0]) - mm(i, w[1]) + b[0], mm(r, w[1]) + mm(i, w[0]) + b[1]
-
-
-def _block_layer_backward(r, i, w, gR, gI):
-    """Gradients of (R, I) = (r Wr - i Wi + br, r Wi + i Wr + bi), blockwise, summed over positions."""
-    mmT = lambda a, m: torch.einsum("...nk,ndk->...nd", a, m)  # noqa: E731
-    outer = lambda a, g: torch.einsum("...nd,...nk->ndk", a, g)  # noqa: E731
-    gr = mmT(gR, w[0]) + mmT(gI, w[1])
-    gi = mmT(gI, w[0]) - mmT(gR, w[1])
-    gw = torch.stack([outer(r, gR) + outer(i, gI), outer(r, gI) - outer(i, gR)])
-    lead = tuple(range(gR.dim() - 2))
-    gb = torch.stack([gR.sum(lead), gI.sum(lead)])
-    return gr, gi, gw, gb
-
-
 def _svt_backward(ctx, grad):
-    """The adjoint transforms are the registered ops; the MLP's backward recomputes its layer-1
-    activations from a recomputed forward transform (the highpass exists here, in the backward only)."""
-    x, weight_ll, w1, b1, w2, b2 = ctx.saved_tensors
-    B, H, W, C = x.shape
-    nb, bs = w1.shape[1], w1.shape[2]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    w1a, b1a, w2a, b2a = (t.to(acc) for t in (w1, b1, w2, b2))
-    low, high = torch.ops.vitk.dtcwt2d(x.permute(0, 3, 1, 2).to(acc))
-    z = high.permute(0, 2, 3, 4, 1, 5).reshape(B, 6, H // 2, W // 2, nb, bs, 2)
-    zr, zi = z[..., 0], z[..., 1]
-    pr, pi = _block_layer(zr, zi, w1a, b1a)
-    ar, ai = torch.relu(pr), torch.relu(pi)
-    g_low, g_high = torch.ops.vitk.idtcwt2d_backward(grad.permute(0, 3, 1, 2).to(acc))
-    g = g_high.permute(0, 2, 3, 4, 1, 5).reshape(B, 6, H // 2, W // 2, nb, bs, 2)
-    g_ar, g_ai, g_w2, g_b2 = _block_layer_backward(ar, ai, w2a, g[..., 0], g[..., 1])
-    g_zr, g_zi, g_w1, g_b1 = _block_layer_backward(zr, zi, w1a, g_ar * (pr > 0), g_ai * (pi > 0))
-    g_z = torch.stack([g_zr, g_zi], -1).reshape(B, 6, H // 2, W // 2, C, 2).permute(0, 4, 1, 2, 3, 5)
-    g_x = None
-    if ctx.needs_input_grad[0]:
-        g_x = torch.ops.vitk.dtcwt2d_backward(g_low * weight_ll.to(acc), g_z, [H, W]).permute(0, 2, 3, 1).to(x.dtype)
-    g_wll = (g_low * low).sum(0).to(weight_ll.dtype)
-    return g_x, g_wll, g_w1.to(w1.dtype), g_b1.to(b1.dtype), g_w2.to(w2.dtype), g_b2.to(b2.dtype)
+    return torch.ops.vitk.svt_spectral_mix_backward(grad, *ctx.saved_tensors)
 
 
 define("svt_spectral_mix", check=_check_svt, fake=lambda x, *_: check.grad_like(x),
-       autograd=(_svt_backward, _svt_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES)])
+       autograd=(_svt_backward, _svt_setup), backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
+
+
+# ---------------------------------------------------------------- svt_spectral_mix_backward
+def _check_svt_backward(grad_output, x, weight_ll, weight_1, bias_1, weight_2, bias_2):
+    _check_svt(x, weight_ll, weight_1, bias_1, weight_2, bias_2)
+    check.tensor("grad_output", grad_output, dtypes=ALL_FLOAT_DTYPES, like=("x", x))
+    check.same_dtype("grad_output", grad_output, "x", x)
+    if grad_output.shape != x.shape:
+        raise ValueError(f"grad_output: expected x's shape {tuple(x.shape)}, got {tuple(grad_output.shape)}")
+
+
+def _svt_backward_fake(grad_output, x, *params):
+    return (check.grad_like(x),) + tuple(check.grad_like(p) for p in params)
+
+
+define("svt_spectral_mix_backward", check=_check_svt_backward, fake=_svt_backward_fake,
+       backends=[cpp("cpu", dtypes=ALL_FLOAT_DTYPES), _WAVELET_TRITON])
 
 
 # ---------------------------------------------------------------- global_filter
@@ -335,7 +321,9 @@ def svt_spectral_mix(x: torch.Tensor, weight_ll: torch.Tensor, weight_1: torch.T
     + (b1r + i b1i), ReLU on the real and imaginary parts, then the same with weight_2 and bias_2
     without ReLU (weights [2, nb, bs, bs], real part first; biases [2, nb, bs]); the output is
     idtcwt2d of the result. The CPU kernel works one image at a time and never forms the
-    [B, C, 6, H/2, W/2, 2] highpass; the backward (every input) recomputes the transform and does."""
+    [B, C, 6, H/2, W/2, 2] highpass; the Triton kernels (vitkernels/triton/spectral_dtcwt.py) run the
+    transform, the MLP and the inverse one after the other and do form it, in fp32 (fp64 for fp64),
+    as does the backward (every input), which recomputes the transform."""
     return torch.ops.vitk.svt_spectral_mix(x, weight_ll, weight_1, bias_1, weight_2, bias_2)
 
 

@@ -29,6 +29,13 @@ std::tuple<at::Tensor, at::Tensor> idtcwt2d_backward(const at::Tensor& grad_outp
 // ReLU between) on the highpass, idtcwt2d; returns [B, H, W, C] without forming the full highpass.
 at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
                             const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2);
+// Its gradients (x, weight_ll, weight_1, bias_1, weight_2, bias_2) for grad_output [B, H, W, C].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> svt_spectral_mix_backward(
+    const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+    const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2);
+// The argument checks both share (shapes, dtypes, devices), raising ValueError naming the argument.
+void check_svt_arguments(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
+                         const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2);
 
 // GFNet's GlobalFilter on channels-last x [B, H, W, C]: irfft2(rfft2(x) * weight) (norm="ortho"),
 // weight [H, W // 2 + 1, C, 2] (real, imaginary), as dense DFTs over the channel vectors.
