@@ -15,8 +15,9 @@
 // 3. Parallel over the planes again: the adjoint of the forward analysis (the synthesis bank with the
 //    analysis filters) gives grad_x, planar, copied once into channels-last [B, H, W, C] (as x and
 //    grad_output are copied to planar before pass 1).
-// Memory: the lowpass, its weighted gradient, and the two highpasses (3 x x's size each), in the
-// accumulation type; the [B, C, 6, h, w, 2] layout and its permuted copies never exist.
+// Memory, beyond the outputs: planar copies of x and grad_output (and grad_x before its final copy),
+// the lowpass and its weighted gradient (x's size each), and the two highpasses (3 x x's size each),
+// in the accumulation type; the [B, C, 6, h, w, 2] layout and its permuted copies never exist.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
