@@ -124,7 +124,7 @@ inline void extend(acc_t* ext, const Extension& e) {
 // kUnroll of them) and the half-lengths are template arguments (the banks hold 6 and 9), so the tap
 // loop unrolls with no test per tap and the accumulators are values in registers. Written as
 // `omp simd` loops over arrays, GCC kept the accumulators in stack arrays, reloading and storing them
-// at every tap (about 4x slower).
+// at every tap (a 56 x 56 forward plane on one thread: 9.5 ns per pixel then, 7.1 now).
 template <typename acc_t>
 constexpr int kLanes = 64 / static_cast<int>(sizeof(acc_t));
 
