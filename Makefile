@@ -77,11 +77,12 @@ portable: deps
 	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -c \
 		"import vitkernels; assert '/$(PORT_DIR)/' in vitkernels.__file__, vitkernels.__file__; \
 		assert vitkernels.BUILD_INFO['cpu_arch'] == 'x86-64-v2', vitkernels.BUILD_INFO"
-	# The kernels with ISA-specific paths (VNNI, AVX-512 exp and row operations, AVX2 float rows), on their
-	# portable code.
+	# The kernels with ISA-specific paths (VNNI, AVX-512 exp and row operations, AVX2 float rows, the
+	# vector-type FFTs), on their portable code.
 	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -m pytest $(CURDIR)/tests/lowbit \
 		$(CURDIR)/tests/quant_attention $(CURDIR)/tests/shiftadd $(CURDIR)/tests/window_attention/test_window_attention_nonfinite.py \
-		$(CURDIR)/tests/masked_attention/test_masked_attention_nonfinite.py -q -p no:cacheprovider -k "not triton"
+		$(CURDIR)/tests/masked_attention/test_masked_attention_nonfinite.py $(CURDIR)/tests/spectral/test_global_filter.py \
+		-q -p no:cacheprovider -k "not triton"
 
 bench: install
 	@$(PYTHON) -c "import faiss, matplotlib, pytest_benchmark, pywt, importlib.util as u; assert u.find_spec('pytorch_wavelets')" 2>/dev/null || \

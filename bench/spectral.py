@@ -31,7 +31,7 @@ output written once, the parameters (weight_ll is x's size per image) once; back
 one gradient per leaf. FLOPs: the useful filter-bank multiply-adds (13 + 19 taps per row pass, twice
 that per column pass, per input pixel, 2 FLOPs each) and the block MLP's 8 * bs FLOPs per channel
 and position per layer. global_filter: x read, y written, the filter once (backward: grad_out and x
-read, both gradients written); FLOPs of the kernel's factored DFTs. fftconv2d: u read, y written, k and D once
+read, both gradients written); FLOPs of the kernel's FFTs over channel vectors. fftconv2d: u read, y written, k and D once
 (backward: grad_out and u read, the three gradients written); FLOPs of the direct sum,
 2 (H(H+1)/2)(W(W+1)/2) per plane (the backward twice that).
 """
@@ -75,29 +75,48 @@ def _case(name, kind, H, C, nb, backward=False):
                 params=dict(kind=kind, H=H, C=C, nb=nb), flops=flops, bytes=bytes_, backward=backward)
 
 
-def _factor(n):
-    """The factor pair FactoredDft uses: n1 the largest factor <= sqrt(n)."""
-    n1 = max(f for f in range(1, math.isqrt(n) + 1) if n % f == 0)
-    return n1, n // n1
+def _radices(n):
+    """The radices spectral_fft.h's LaneFft takes n apart into: 4s, then 2s, then odd primes."""
+    out = []
+    for r in (4, 2):
+        while n % r == 0:
+            out.append(r)
+            n //= r
+    p = 3
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 2
+    return out
 
 
-def _global_filter_macs(H, W):
-    """Multiply-adds per image and channel of the CPU kernel's factored DFTs (csrc/cpu/spectral/
-    global_filter.cpp): the real DFT along W and the complex one along H, both inverses, the filter."""
+def _fft_flops(n):
+    """Real FLOPs per lane of one n-point complex LaneFft: per stage, n / R butterflies of R - 1
+    twiddle rotations (6 FLOPs) and the R-point DFT (radix 2: 4, radix 4: 16, odd R in its symmetric
+    form with P = (R - 1) / 2: 6P for the sums and differences, P (8P + 4) for the outputs)."""
+    total = 0
+    for R in _radices(n):
+        P = (R - 1) // 2
+        dft = {2: 4, 4: 16}.get(R, 6 * P + P * (8 * P + 4))
+        total += n // R * (6 * (R - 1) + dft)
+    return total
+
+
+def _global_filter_flops(H, W):
+    """FLOPs per image and channel of the CPU kernel (csrc/cpu/spectral/global_filter.cpp): the real
+    FFT along W (even W: a W/2-point complex one and the split, 20 FLOPs per frequency), both FFTs
+    along H per spectrum column and the filter product (6 FLOPs), the inverse real FFT along W."""
     K = W // 2 + 1
-    w1, w2 = _factor(W)
-    h1, h2 = _factor(H)
-    fwd_w = H * ((W * w1 * 2 if w1 > 1 else 0) + K * w2 * (4 if w1 > 1 else 2))
-    along_h = K * ((H * h1 * 4 if h1 > 1 else 0) + H * h2 * 4)
-    inv_w = H * ((K * w1 * 4 if w1 > 1 else 0) + W * (w2 if w1 > 1 else K) * 2)
-    return fwd_w + 2 * along_h + inv_w + 4 * H * K
+    row = _fft_flops(W // 2) + 20 * K if W % 2 == 0 else _fft_flops(W)
+    return 2 * H * row + K * (2 * _fft_flops(H) + 6 * H)
 
 
 def _gf_case(name, H, C, dtype, backward):
     x = BATCH * H * H * C * (2.0 if dtype == "bf16" else FP32)
     K = H // 2 + 1
     w = H * K * C * 2 * FP32
-    flops = 2.0 * BATCH * C * _global_filter_macs(H, H)
+    flops = float(BATCH * C * _global_filter_flops(H, H))
     bytes_ = 2 * x + w + ((3 * x + 2 * w) if backward else 0)
     return Case(name=f"{name}-global_filter-{dtype}" + ("-fwd+bwd" if backward else "-fwd"),
                 shape=f"B={BATCH} {H}x{H} C={C} {dtype}", params=dict(kind="global_filter", H=H, C=C, dtype=dtype),

@@ -63,6 +63,52 @@ def test_nan_propagates_like_the_reference():
     assert torch.equal(torch.isnan(vitkernels.global_filter(x, w)), torch.isnan(ref.global_filter(x.double(), w.double())))
 
 
+# The CPU kernel's FFT plans: radices 4, 2, 3, 5, 7 and a larger prime (11, 13), odd and even W
+# (the half-length real transform), channel counts with a partial last vector, one image split into
+# channel groups, and a 56 x 56 grid whose spectrum takes several groups.
+PLANS = [(1, 56, 56, 40), (3, 11, 13, 19), (2, 9, 10, 17), (1, 25, 15, 9), (2, 22, 33, 8), (1, 1, 8, 3),
+         (2, 16, 1, 5), (1, 28, 28, 130)]
+
+
+@pytest.mark.parametrize("shape", PLANS, ids=["x".join(map(str, s)) for s in PLANS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_fft_plans_forward_and_backward(shape, dtype):
+    B, H, W, C = shape
+    x = torch.randn(B, H, W, C, dtype=dtype).requires_grad_(True)
+    w = torch.randn(H, W // 2 + 1, C, 2, dtype=dtype).requires_grad_(True)
+    g = torch.randn(B, H, W, C, dtype=torch.float64)
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    y = vitkernels.global_filter(x, w)
+    want = ref.global_filter(x64, w64)
+    tol = TOL[dtype] * 4
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=tol * want.abs().max().item())
+    y.backward(g.to(dtype))
+    want.backward(g)
+    for got, exp in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), exp, rtol=0, atol=tol * exp.abs().max().item())
+
+
+def test_cpu_non_finite_poisons_its_channel():
+    """A NaN or an infinity in x makes its image's channel NaN and nothing else; one in weight makes
+    that channel NaN in every image. The gradients follow the same rule."""
+    x = torch.randn(2, 56, 56, 12, requires_grad=True)
+    w = torch.randn(56, 29, 12, 2, requires_grad=True)
+    with torch.no_grad():
+        x[1, 40, 17, 3] = float("nan")
+        x[0, 5, 50, 7] = float("inf")
+        w[30, 2, 10, 1] = float("nan")
+    y = vitkernels.global_filter(x, w)
+    want = torch.zeros_like(y, dtype=torch.bool)
+    want[1, :, :, 3] = want[0, :, :, 7] = want[:, :, :, 10] = True
+    assert torch.equal(torch.isnan(y), want)
+    assert torch.isnan(ref.global_filter(x.double(), w.double()))[want.logical_not()].sum() == 0
+    y.backward(torch.randn_like(y))
+    assert torch.equal(torch.isnan(x.grad), torch.zeros_like(want).index_fill_(3, torch.tensor([10]), True))
+    gw_nan = torch.zeros(56, 29, 12, 2, dtype=torch.bool)
+    gw_nan[:, :, [3, 7]] = True
+    assert torch.equal(torch.isnan(w.grad), gw_nan)
+
+
 def test_opcheck():
     x, w = torch.randn(2, 7, 6, 4), torch.randn(7, 4, 4, 2)
     torch.library.opcheck(torch.ops.vitk.global_filter.default, (x, w))

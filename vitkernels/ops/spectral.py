@@ -331,8 +331,10 @@ def global_filter(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """GFNet's GlobalFilter on channels-last x [B, H, W, C]:
     ``irfft2(rfft2(x, dim=(1, 2), norm="ortho") * view_as_complex(weight), s=(H, W), dim=(1, 2),
     norm="ortho")`` with weight [H, W // 2 + 1, C, 2] (real, imaginary). The CPU kernel computes the
-    transforms as dense DFTs over each token's channel vector, accumulating in fp32 for fp32, fp16
-    and bf16 (fp64 in fp64); the Triton kernel as four dense DFT matrix products per channel plane.
+    transforms as mixed-radix FFTs whose points are vectors of channels, accumulating in fp32 for
+    fp32, fp16 and bf16 (fp64 in fp64); the Triton kernel as four dense DFT matrix products per
+    channel plane. A NaN in x makes its image's channel NaN, one in weight that channel of every
+    image, as torch.fft does; the CPU kernel treats an infinity the same way.
     Differentiable in x and weight."""
     return torch.ops.vitk.global_filter(x, weight)
 

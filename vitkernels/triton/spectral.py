@@ -8,9 +8,9 @@ Plain functions called by vitkernels/ops/spectral.py after it has validated the 
     fftconv2d(u, k, D) -> Tensor
     fftconv2d_backward(grad_output, u, k, D, u_grad, k_grad, D_grad) -> (grad_u, grad_k, grad_D)
 
-global_filter follows the CPU kernel's plan (csrc/cpu/spectral/global_filter.cpp): ViT grids are
-small and not powers of two, so each transform is a dense DFT, here four matrix products per
-channel plane (fp32, fp64 for fp64 inputs) (tl.dot on the H x W plane padded to powers of two, with the orthonormal DFT matrices):
+global_filter: ViT grids are small and not powers of two, so each transform is a dense DFT, four
+matrix products per channel plane that tl.dot runs on the tensor cores (the CPU kernel,
+csrc/cpu/spectral/global_filter.cpp, runs FFTs over channel vectors instead, having no such units) (fp32, fp64 for fp64 inputs) (tl.dot on the H x W plane padded to powers of two, with the orthonormal DFT matrices):
 the real DFT along W, the complex DFT along H, the filter, and the two inverses. Its adjoint is the
 same operator with the filter conjugated; grad_weight sums the products of the two spectra over the
 batch, counting the columns the real inverse counts twice.

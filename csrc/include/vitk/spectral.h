@@ -38,7 +38,7 @@ void check_svt_arguments(const at::Tensor& x, const at::Tensor& weight_ll, const
                          const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2);
 
 // GFNet's GlobalFilter on channels-last x [B, H, W, C]: irfft2(rfft2(x) * weight) (norm="ortho"),
-// weight [H, W // 2 + 1, C, 2] (real, imaginary), as dense DFTs over the channel vectors.
+// weight [H, W // 2 + 1, C, 2] (real, imaginary), as FFTs over the channel vectors.
 at::Tensor global_filter(const at::Tensor& x, const at::Tensor& weight);
 // (grad_x, grad_weight), each empty when not asked for.
 std::tuple<at::Tensor, at::Tensor> global_filter_backward(const at::Tensor& grad_output, const at::Tensor& x,
