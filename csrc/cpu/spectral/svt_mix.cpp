@@ -1,21 +1,23 @@
 // CPU kernel of svt_spectral_mix: SVT's whole spectral layer (DTCWT, lowpass weighting, complex
 // block MLP over the six highpass orientations, inverse DTCWT) on channels-last x [B, H, W, C].
 //
-// The unit of work is one image: its C planes are analysed one by one (vitk/dtcwt_plane.h), the
-// weighted lowpass kept per channel and the highpass written position-major ([6 h w][C], real and
-// imaginary apart) into a per-thread buffer, so each position's channel vector is contiguous for
-// the MLP, which then runs in place, block by block: for the common block sizes (8, 16, 32) a few
-// positions at a time share each weight row's loads, with both layers' accumulators in registers.
-// The synthesis reads that buffer back per channel and writes the output straight into [H, W, C].
-// x is read once and the output written once; the [B, C, 6, H/2, W/2, 2] highpass never exists,
-// only one image's share of it (C * 6 * H/2 * W/2 * 2 values, about 2.4 MB at SVT-S stage 1),
-// which stays in the core's cache hierarchy.
+// The unit of work is one image: its C planes are analysed one by one (vitk/dtcwt_plane.h), a cache
+// line's worth of channels at a time staged planar, the weighted lowpass kept per channel and the
+// highpass written position-major ([6 h w][C], real and imaginary apart) into a per-thread buffer,
+// so each position's channel vector is contiguous for the MLP, which then runs in place, block by
+// block: for the common block sizes (8, 16, 32) a few positions at a time share each weight row's
+// loads, with both layers' accumulators in registers. The synthesis reads that buffer back per
+// channel group and writes the output a group at a time into [H, W, C]. x is read once and the
+// output written once; the [B, C, 6, H/2, W/2, 2] highpass never exists, only one image's share of
+// it (C * 6 * H/2 * W/2 * 2 values, about 2.4 MB at SVT-S stage 1), which stays in the core's cache
+// hierarchy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -175,49 +177,68 @@ at::Tensor svt_impl(const at::Tensor& x, const at::Tensor& weight_ll, const at::
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t sB = x.stride(0), sH = x.stride(1), sW = x.stride(2), sC = x.stride(3);
+  // Channels go through the plane transforms in groups of one cache line's worth, staged planar, so
+  // that x, the highpass and the output are each touched a line at a time instead of one strided
+  // value per channel (which made every channel walk the whole image and highpass again).
+  constexpr int64_t G = 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t HW = H * W;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1_) {
     dtcwt::Scratch<acc_t> s;
-    std::vector<acc_t> low(static_cast<size_t>(C * H * W)), zr(static_cast<size_t>(npos * C)),
-        zi(static_cast<size_t>(npos * C));
+    std::vector<acc_t> low(static_cast<size_t>(C * HW)), zr(static_cast<size_t>(npos * C)),
+        zi(static_cast<size_t>(npos * C)), plane(static_cast<size_t>(G * HW)), hp(static_cast<size_t>(G * npos * 2));
     for (int64_t b = b0; b < b1_; ++b) {
       const scalar_t* img = xp + b * sB;
-      scalar_t* dst = op + b * H * W * C;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* lc = low.data() + c * H * W;
-        const acc_t* wc = wll.data() + c * H * W;
-        dtcwt::analysis(
-            H, W, fwd, s,
-            [&](int64_t r, acc_t* row) {
-              const scalar_t* src = img + r * sH + c * sC;
-              for (int64_t j = 0; j < W; ++j) row[j] = static_cast<acc_t>(src[j * sW]);
-            },
-            [&](int64_t r, const acc_t* row) {
-              for (int64_t j = 0; j < W; ++j) lc[r * W + j] = row[j] * wc[r * W + j];
-            },
-            [&](int o, int64_t i, const acc_t* row) {
-              const int64_t p0 = (o * h + i) * w;
-              for (int64_t j = 0; j < w; ++j) {
-                zr[(p0 + j) * C + c] = row[2 * j];
-                zi[(p0 + j) * C + c] = row[2 * j + 1];
-              }
-            });
+      scalar_t* dst = op + b * HW * C;
+      for (int64_t c0 = 0; c0 < C; c0 += G) {
+        const int64_t g = std::min(G, C - c0);
+        for (int64_t r = 0; r < H; ++r)
+          for (int64_t j = 0; j < W; ++j) {
+            const scalar_t* src = img + r * sH + j * sW + c0 * sC;
+            for (int64_t l = 0; l < g; ++l) plane[l * HW + r * W + j] = static_cast<acc_t>(src[l * sC]);
+          }
+        for (int64_t l = 0; l < g; ++l) {
+          const acc_t* xc = plane.data() + l * HW;
+          acc_t* lc = low.data() + (c0 + l) * HW;
+          const acc_t* wc = wll.data() + (c0 + l) * HW;
+          acc_t* hc = hp.data() + l * npos * 2;
+          dtcwt::analysis(
+              H, W, fwd, s, [&](int64_t r, acc_t* row) { std::copy(xc + r * W, xc + (r + 1) * W, row); },
+              [&](int64_t r, const acc_t* row) {
+                for (int64_t j = 0; j < W; ++j) lc[r * W + j] = row[j] * wc[r * W + j];
+              },
+              [&](int o, int64_t i, const acc_t* row) { std::copy(row, row + 2 * w, hc + (o * h + i) * w * 2); });
+        }
+        for (int64_t q = 0; q < npos; ++q)
+          for (int64_t l = 0; l < g; ++l) {
+            zr[q * C + c0 + l] = hp[l * npos * 2 + 2 * q];
+            zi[q * C + c0 + l] = hp[l * npos * 2 + 2 * q + 1];
+          }
       }
       block_mlp(zr.data(), zi.data(), npos, C, nb, bs, w1.data(), b1.data(), w2.data(), b2.data());
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* lc = low.data() + c * H * W;
-        dtcwt::synthesis(
-            H, W, inv, s, [&](int64_t r, acc_t* row) { std::copy(lc + r * W, lc + (r + 1) * W, row); },
-            [&](int o, int64_t i, acc_t* row) {
-              const int64_t p0 = (o * h + i) * w;
-              for (int64_t j = 0; j < w; ++j) {
-                row[2 * j] = zr[(p0 + j) * C + c];
-                row[2 * j + 1] = zi[(p0 + j) * C + c];
-              }
-            },
-            [&](int64_t r, const acc_t* row) {
-              scalar_t* d = dst + r * W * C + c;
-              for (int64_t j = 0; j < W; ++j) d[j * C] = static_cast<scalar_t>(row[j]);
-            });
+      for (int64_t c0 = 0; c0 < C; c0 += G) {
+        const int64_t g = std::min(G, C - c0);
+        for (int64_t q = 0; q < npos; ++q)
+          for (int64_t l = 0; l < g; ++l) {
+            hp[l * npos * 2 + 2 * q] = zr[q * C + c0 + l];
+            hp[l * npos * 2 + 2 * q + 1] = zi[q * C + c0 + l];
+          }
+        for (int64_t l = 0; l < g; ++l) {
+          const acc_t* lc = low.data() + (c0 + l) * HW;
+          const acc_t* hc = hp.data() + l * npos * 2;
+          acc_t* yc = plane.data() + l * HW;
+          dtcwt::synthesis(
+              H, W, inv, s, [&](int64_t r, acc_t* row) { std::copy(lc + r * W, lc + (r + 1) * W, row); },
+              [&](int o, int64_t i, acc_t* row) {
+                const acc_t* src = hc + (o * h + i) * w * 2;
+                std::copy(src, src + 2 * w, row);
+              },
+              [&](int64_t r, const acc_t* row) { std::copy(row, row + W, yc + r * W); });
+        }
+        for (int64_t r = 0; r < H; ++r)
+          for (int64_t j = 0; j < W; ++j) {
+            scalar_t* d = dst + (r * W + j) * C + c0;
+            for (int64_t l = 0; l < g; ++l) d[l] = static_cast<scalar_t>(plane[l * HW + r * W + j]);
+          }
       }
     }
   });
