@@ -132,6 +132,22 @@ def test_backward_matches_reference(backend, device, dtype):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=tol * max(1.0, want.grad.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_cpu_backward_channel_groups(dtype):
+    """The CPU backward stages channels in groups (16 fp32, 8 fp64): several groups and a partial one."""
+    B, H, W, C, nb = 2, 6, 8, 40, 5
+    x = torch.randn(B, H, W, C, dtype=dtype, requires_grad=True)
+    p = [t.requires_grad_(True) for t in _params(C, H, W, nb, dtype)]
+    x64 = x.detach().double().requires_grad_(True)
+    p64 = [t.detach().double().requires_grad_(True) for t in p]
+    g = torch.randn(B, H, W, C, dtype=torch.float64)
+    vitkernels.svt_spectral_mix(x, *p).backward(g.to(dtype))
+    ref.svt_spectral_mix(x64, *p64).backward(g)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for got, want in zip([x, *p], [x64, *p64]):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=tol * max(1.0, want.grad.abs().max().item()))
+
+
 @pytest.mark.parametrize("backend,device", SVT)
 def test_nan_propagates_like_the_reference(backend, device, run_on):
     x = torch.randn(1, 14, 14, 4, device=device)

@@ -1,10 +1,11 @@
 // CPU kernel of svt_spectral_mix_backward: the gradients of SVT's spectral layer in three passes.
 //
-// 1. Parallel over the B * C planes: the forward analysis of x is recomputed (its lowpass and
-//    highpass), and grad_output goes through the adjoint of the inverse transform (the analysis bank
-//    run with the synthesis filters). The lowpass becomes its product with its gradient (summed over
-//    images into grad_weight_ll at the end), and the gradient weighted by weight_ll is kept for the
-//    synthesis. Both highpasses are stored position-major as [B 6 h w][nb][re | im][bs], so that for
+// 1. Parallel over (image, group of 16 fp32 channels) tasks, plane by plane: the forward analysis
+//    of x is recomputed (its lowpass and highpass), and grad_output goes through the adjoint of the
+//    inverse transform (the analysis bank run with the synthesis filters). The lowpass becomes its
+//    product with its gradient (summed over images into grad_weight_ll at the end), and the gradient
+//    weighted by weight_ll is kept for the synthesis. Both highpasses are staged planar per group,
+//    then stored position-major as [B 6 h w][nb][re | im][bs] a position at a time, so that for
 //    block n the 2 bs real numbers of every position form a strided [B 6 h w, 2 bs] matrix.
 // 2. The complex block layer z (Wr + i Wi) + b is that matrix times the real [2 bs, 2 bs] form
 //    [[Wr, Wi], [-Wi, Wr]], so each block's MLP backward (layer 1 recomputed, ReLU mask, both weight
@@ -13,9 +14,9 @@
 //    of about 0.13 s at SVT-S stage 1 on two cores that other jobs shared, most of it in the small
 //    products and the hand-offs between the OpenMP regions and the BLAS threads. The
 //    highpass gradient replaces the recomputed highpass in place.
-// 3. Parallel over the planes again: the adjoint of the forward analysis (the synthesis bank with the
-//    analysis filters) gives grad_x, planar, copied once into channels-last [B, H, W, C] (as x and
-//    grad_output are copied to planar before pass 1).
+// 3. Parallel over the same tasks again: the adjoint of the forward analysis (the synthesis bank
+//    with the analysis filters) gives grad_x, planar, copied once into channels-last [B, H, W, C]
+//    (as x and grad_output are copied to planar before pass 1).
 // Memory, beyond the outputs: planar copies of x and grad_output (and grad_x before its final copy),
 // the lowpass and its weighted gradient (x's size each), and the two highpasses (3 x x's size each),
 // in the accumulation type; the [B, C, 6, h, w, 2] layout and its permuted copies never exist.
@@ -33,6 +34,9 @@
 #include <ATen/ops/relu.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "vitk/checks.h"
 #include "vitk/dtcwt_plane.h"
@@ -89,44 +93,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Position p of image b, channel c of a highpass buffer: block c / bs, real part, then bs further
   // the imaginary part.
   const auto slot = [&](int64_t b, int64_t p, int64_t c) { return ((b * npos + p) * nb + c / bs) * 2 * bs + c % bs; };
-  at::parallel_for(0, B * C, 1, [&](int64_t q0, int64_t q1) {
+  // Tasks are (image, group of G channels): a group's highpass rows are staged planar and moved to
+  // and from the position-major buffers a position at a time, G adjacent channels per move, so those
+  // buffers are touched a line at a time rather than one value per channel.
+  constexpr int64_t G = 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t groups = (C + G - 1) / G, band = npos * 2;
+  const auto to_slots = [&](const acc_t* planar, int64_t b, int64_t c0, int64_t g, acc_t* buf) {
+    for (int64_t p = 0; p < npos; ++p)
+      for (int64_t l = 0; l < g; ++l) {
+        acc_t* at_ = buf + slot(b, p, c0 + l);
+        at_[0] = planar[l * band + 2 * p];
+        at_[bs] = planar[l * band + 2 * p + 1];
+      }
+  };
+  at::parallel_for(0, B * groups, 1, [&](int64_t t0, int64_t t1) {
     dtcwt::Scratch<acc_t> s;
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t b = q / C, c = q % C;
-      acc_t* lc = lowp + q * H * W;
-      const auto store_band = [&](acc_t* buf) {
-        return [&, buf](int o, int64_t i, const acc_t* row) {
-          const int64_t p0 = (o * h + i) * w;
-          for (int64_t j = 0; j < w; ++j) {
-            acc_t* at_ = buf + slot(b, p0 + j, c);
-            at_[0] = row[2 * j];
-            at_[bs] = row[2 * j + 1];
-          }
+    std::vector<acc_t> hz(static_cast<size_t>(G * band)), hg(static_cast<size_t>(G * band));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / groups, c0 = (t % groups) * G, g = std::min(G, C - c0);
+      for (int64_t l = 0; l < g; ++l) {
+        const int64_t c = c0 + l, q = b * C + c;
+        acc_t* lc = lowp + q * H * W;
+        const auto store_band = [&](acc_t* planar) {
+          return [&, planar](int o, int64_t i, const acc_t* row) {
+            std::copy(row, row + 2 * w, planar + l * band + (o * h + i) * w * 2);
+          };
         };
-      };
-      const auto load_from = [&](const scalar_t* plane) {
-        return [&, plane](int64_t r, acc_t* row) {
-          const scalar_t* src = plane + r * W;
-          for (int64_t j = 0; j < W; ++j) row[j] = static_cast<acc_t>(src[j]);
+        const auto load_from = [&](const scalar_t* plane) {
+          return [&, plane](int64_t r, acc_t* row) {
+            const scalar_t* src = plane + r * W;
+            for (int64_t j = 0; j < W; ++j) row[j] = static_cast<acc_t>(src[j]);
+          };
         };
-      };
-      dtcwt::analysis(
-          H, W, fwd, s, load_from(xp + q * H * W),
-          [&](int64_t r, const acc_t* row) { std::copy(row, row + W, lc + r * W); }, store_band(zp));
-      const acc_t* wc = wllp + c * H * W;
-      dtcwt::analysis(
-          H, W, inv, s, load_from(gp + q * H * W),
-          [&](int64_t r, const acc_t* row) {
-            // The lowpass becomes its product with its gradient (summed over images into
-            // grad_weight_ll below); the weighted gradient is what the synthesis reads.
-            acc_t* l = lc + r * W;
-            acc_t* gl = glwp + q * H * W + r * W;
-            for (int64_t j = 0; j < W; ++j) {
-              gl[j] = row[j] * wc[r * W + j];
-              l[j] *= row[j];
-            }
-          },
-          store_band(gyp));
+        dtcwt::analysis(
+            H, W, fwd, s, load_from(xp + q * H * W),
+            [&](int64_t r, const acc_t* row) { std::copy(row, row + W, lc + r * W); }, store_band(hz.data()));
+        const acc_t* wc = wllp + c * H * W;
+        dtcwt::analysis(
+            H, W, inv, s, load_from(gp + q * H * W),
+            [&](int64_t r, const acc_t* row) {
+              // The lowpass becomes its product with its gradient (summed over images into
+              // grad_weight_ll below); the weighted gradient is what the synthesis reads.
+              acc_t* lo = lc + r * W;
+              acc_t* gl = glwp + q * H * W + r * W;
+              for (int64_t j = 0; j < W; ++j) {
+                gl[j] = row[j] * wc[r * W + j];
+                lo[j] *= row[j];
+              }
+            },
+            store_band(hg.data()));
+      }
+      to_slots(hz.data(), b, c0, g, zp);
+      to_slots(hg.data(), b, c0, g, gyp);
     }
   });
   for (int64_t n = 0; n < nb; ++n) {
@@ -140,26 +158,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     g_b1[n] += g_pre.sum(0);
     zn.copy_(at::mm(g_pre, w1[n].t()));
   }
-  at::parallel_for(0, B * C, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, B * groups, 1, [&](int64_t t0, int64_t t1) {
     dtcwt::Scratch<acc_t> s;
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t b = q / C, c = q % C;
-      const acc_t* gl = glwp + q * H * W;
-      scalar_t* dst = gxp + q * H * W;
-      dtcwt::synthesis(
-          H, W, fwd, s, [&](int64_t r, acc_t* row) { std::copy(gl + r * W, gl + (r + 1) * W, row); },
-          [&](int o, int64_t i, acc_t* row) {
-            const int64_t p0 = (o * h + i) * w;
-            for (int64_t j = 0; j < w; ++j) {
-              const acc_t* at_ = zp + slot(b, p0 + j, c);
-              row[2 * j] = at_[0];
-              row[2 * j + 1] = at_[bs];
-            }
-          },
-          [&](int64_t r, const acc_t* row) {
-            scalar_t* d = dst + r * W;
-            for (int64_t j = 0; j < W; ++j) d[j] = static_cast<scalar_t>(row[j]);
-          });
+    std::vector<acc_t> hz(static_cast<size_t>(G * band));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / groups, c0 = (t % groups) * G, g = std::min(G, C - c0);
+      for (int64_t p = 0; p < npos; ++p)
+        for (int64_t l = 0; l < g; ++l) {
+          const acc_t* at_ = zp + slot(b, p, c0 + l);
+          hz[l * band + 2 * p] = at_[0];
+          hz[l * band + 2 * p + 1] = at_[bs];
+        }
+      for (int64_t l = 0; l < g; ++l) {
+        const int64_t q = b * C + c0 + l;
+        const acc_t* gl = glwp + q * H * W;
+        const acc_t* hc = hz.data() + l * band;
+        scalar_t* dst = gxp + q * H * W;
+        dtcwt::synthesis(
+            H, W, fwd, s, [&](int64_t r, acc_t* row) { std::copy(gl + r * W, gl + (r + 1) * W, row); },
+            [&](int o, int64_t i, acc_t* row) {
+              const acc_t* src = hc + (o * h + i) * w * 2;
+              std::copy(src, src + 2 * w, row);
+            },
+            [&](int64_t r, const acc_t* row) {
+              scalar_t* d = dst + r * W;
+              for (int64_t j = 0; j < W; ++j) d[j] = static_cast<scalar_t>(row[j]);
+            });
+      }
     }
   });
   const at::Tensor g_wll = low.sum(0);
