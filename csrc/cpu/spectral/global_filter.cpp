@@ -46,6 +46,7 @@
 #include "vitk/registration.h"
 #include "vitk/spectral.h"
 #include "vitk/spectral_fft.h"
+#include "vitk/tiling.h"
 
 namespace vitk {
 namespace cpu {
@@ -71,7 +72,7 @@ struct Plan {
 
   // spectra: how many [H][K][G] spectra a task holds at once.
   Plan(int64_t B_, int64_t H_, int64_t W_, int64_t C_, int64_t spectra)
-      : B(B_), H(H_), W(W_), K(W_ / 2 + 1), C(C_), nvec((C_ + V - 1) / V), half(W_ % 2 == 0),
+      : B(B_), H(H_), W(W_), K(W_ / 2 + 1), C(C_), nvec(ceil_div(C_, V)), half(W_ % 2 == 0),
         fft_w(W_ % 2 == 0 ? W_ / 2 : W_), fft_h(H_) {
     for (int64_t k = 0; k <= W / 2; ++k) {
       const double a = 2.0 * M_PI * static_cast<double>(k) / static_cast<double>(W);
@@ -81,11 +82,11 @@ struct Plan {
     if (nvec == 0) return;
     const int64_t per_vec = H * K * static_cast<int64_t>(sizeof(Cv<T>)) * spectra;
     const int64_t gmax = std::max<int64_t>(1, kSpectrumBudget / per_vec);
-    groups = (nvec + gmax - 1) / gmax;
+    groups = ceil_div(nvec, gmax);
     const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());  // enough tasks to balance
-    if (B > 0 && B * groups < want) groups = std::min(nvec, std::max(groups, (want + B - 1) / B));
-    G = (nvec + groups - 1) / groups;
-    groups = (nvec + G - 1) / G;
+    if (B > 0 && B * groups < want) groups = std::min(nvec, std::max(groups, ceil_div(want, B)));
+    G = ceil_div(nvec, groups);
+    groups = ceil_div(nvec, G);
   }
   int64_t row_len() const { return std::max(H, fft_w.size()); }
 };

@@ -271,7 +271,6 @@ void check_svt_arguments(const at::Tensor& x, const at::Tensor& weight_ll, const
 at::Tensor svt_spectral_mix(const at::Tensor& x, const at::Tensor& weight_ll, const at::Tensor& weight_1,
                             const at::Tensor& bias_1, const at::Tensor& weight_2, const at::Tensor& bias_2) {
   check_svt_arguments(x, weight_ll, weight_1, bias_1, weight_2, bias_2);
-  const int64_t nb = weight_1.size(1), bs = weight_1.size(2);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "svt_spectral_mix", [&] {
     return svt_impl<scalar_t>(x, weight_ll, weight_1, bias_1, weight_2, bias_2);
   });

@@ -19,7 +19,8 @@
 //    (as x and grad_output are copied to planar before pass 1).
 // Memory, beyond the outputs: planar copies of x and grad_output (and grad_x before its final copy),
 // the lowpass and its weighted gradient (x's size each), and the two highpasses (3 x x's size each),
-// in the accumulation type; the [B, C, 6, h, w, 2] layout and its permuted copies never exist.
+// in the accumulation type, and per thread one channel group's two staged highpasses; the
+// [B, C, 6, h, w, 2] layout and its permuted copies never exist.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -42,6 +43,7 @@
 #include "vitk/dtcwt_plane.h"
 #include "vitk/registration.h"
 #include "vitk/spectral.h"
+#include "vitk/tiling.h"
 
 namespace vitk {
 namespace cpu {
@@ -97,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // and from the position-major buffers a position at a time, G adjacent channels per move, so those
   // buffers are touched a line at a time rather than one value per channel.
   constexpr int64_t G = 64 / static_cast<int64_t>(sizeof(acc_t));
-  const int64_t groups = (C + G - 1) / G, band = npos * 2;
+  const int64_t groups = ceil_div(C, G), band = npos * 2;
   const auto to_slots = [&](const acc_t* planar, int64_t b, int64_t c0, int64_t g, acc_t* buf) {
     for (int64_t p = 0; p < npos; ++p)
       for (int64_t l = 0; l < g; ++l) {

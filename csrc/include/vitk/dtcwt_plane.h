@@ -246,8 +246,8 @@ inline void column_taps(const acc_t* plane, int64_t W, const int64_t* rows, int6
 
 // The quad map and its inverse (also its transpose), on x = (x0[2j], x0[2j + 1], x1[2j], x1[2j + 1]):
 // the quads a b / c d to the complex pair z1 = (a - d) + i(b + c), z2 = (a + d) + i(b - c), and back.
-// map() is the per-value form (the tail of a row); quad_map does whole vectors of interleaved pairs
-// as a swap of each pair's two values and an alternating sign. GCC left the per-value loop
+// map() is the per-value form (the tail of a row); vmap() does whole vectors of interleaved pairs as
+// a swap of each pair's two values and an alternating sign. GCC left the per-value loop
 // scalar, two values per instruction, which took about 40% of the analysis outside the filters.
 template <typename acc_t>
 inline typename Vector<acc_t>::type swap_pairs(typename Vector<acc_t>::type v) {
@@ -273,6 +273,13 @@ struct QuadsToComplex {
     o[2] = a + d;
     o[3] = b - c;
   }
+  // x0 = (a, b), x1 = (c, d) per pair: o0 = x0 + (-d, c), o1 = x0 - (-d, c).
+  template <typename acc_t, typename vec>
+  static void vmap(vec x0, vec x1, vec& o0, vec& o1) {
+    const vec t = minus_plus<acc_t>() * swap_pairs<acc_t>(x1);
+    o0 = x0 + t;
+    o1 = x0 - t;
+  }
 };
 struct ComplexToQuads {
   template <typename acc_t>
@@ -281,6 +288,12 @@ struct ComplexToQuads {
     o[1] = q + v;
     o[2] = q - v;
     o[3] = u - p;
+  }
+  // z1 = (p, q), z2 = (u, v) per pair: o0 = z1 + z2, o1 = (q - v, u - p) = -(-1, +1) swap(z1 - z2).
+  template <typename acc_t, typename vec>
+  static void vmap(vec z1, vec z2, vec& o0, vec& o1) {
+    o0 = z1 + z2;
+    o1 = -minus_plus<acc_t>() * swap_pairs<acc_t>(z1 - z2);
   }
 };
 
@@ -291,19 +304,10 @@ inline void quad_map(const acc_t* __restrict x0, const acc_t* __restrict x1, int
   using vec = typename Vector<acc_t>::type;
   constexpr int L = kVectorLanes<acc_t>;
   const acc_t s = static_cast<acc_t>(kInvSqrt2);
-  const vec sign = minus_plus<acc_t>();
   int64_t j = 0;
   for (; 2 * j + L <= 2 * w; j += L / 2) {
-    const vec a = vload(x0 + 2 * j), b = vload(x1 + 2 * j);
     vec p, q;
-    if (std::is_same<Map, QuadsToComplex>::value) {  // o0 = a + (-d, c), o1 = a - (-d, c)
-      const vec t = sign * swap_pairs<acc_t>(b);
-      p = a + t;
-      q = a - t;
-    } else {  // o0 = z1 + z2 = (p + u, q + v), o1 = (q - v, u - p) = -(-1, +1) swap(z1 - z2)
-      p = a + b;
-      q = -sign * swap_pairs<acc_t>(a - b);
-    }
+    Map::template vmap<acc_t>(vload(x0 + 2 * j), vload(x1 + 2 * j), p, q);
     vstore(o0 + 2 * j, s * p);
     vstore(o1 + 2 * j, s * q);
   }

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace vitk {
@@ -146,7 +147,7 @@ class LaneFft {
         x0 = cv_add(x0, s[r - 1]);
       }
       for (int q = 1; q <= P; ++q) {
-        Cv<T> a = v[0], b = {vec_t<T>{} , vec_t<T>{}};
+        Cv<T> a = v[0], b = {vec_t<T>{}, vec_t<T>{}};
         for (int r = 1; r <= P; ++r) {
           const int j = (q * r) % R;
           a.re += dc[j] * s[r - 1].re;
