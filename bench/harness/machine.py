@@ -42,10 +42,25 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_isa() -> str:
+    """The widest vector ISA the CPU kernels build for here: hosts sold under one model name differ in it
+    (this package's EPYC hosts came with AVX2 only and with AVX-512 VNNI), and it changes every ratio."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "avx512f" in flags:
+        return "avx512vnni" if "avx512_vnni" in flags else "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return platform.machine()
+
+
 def slug(device: str) -> str:
     if device.startswith("cuda"):
         return "cuda-" + _slugify(torch.cuda.get_device_name(torch.device(device)))
-    return f"cpu-{_slugify(_cpu_model())}-{cores()}c"
+    return f"cpu-{_slugify(_cpu_model())}-{cores()}c-{cpu_isa()}"
 
 
 def info(device: str) -> dict:
@@ -55,6 +70,7 @@ def info(device: str) -> dict:
         "device": device,
         "cpu": _cpu_model(),
         "cores": cores(),
+        "isa": cpu_isa() if not device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
         "mem_total_gib": _mem_total_gib(),
         "python": platform.python_version(),
