@@ -12,7 +12,9 @@ ShiftWeightConfig -> ShiftLinear. With ``attn_bits`` set, every recognized dense
 num_heads, identity q/k norms) runs ``quant_attention`` with the calibrated int8 scales and zero
 points of q, k, v and the calibrated δ of the softmax quantizer. Swin's windowed attention keeps the
 float ``window_attention`` (quant_attention has no window form): its linear layers are quantized and
-the report says so.
+the report says so. An MLP's activation (timm's ``Mlp``: fc1, act, drop, fc2) whose fc1 became a lowbit
+module runs in fc1's epilogue (``activation="gelu"``, ``"gelu_tanh"`` or ``"relu"``), and ``act`` becomes
+an Identity.
 
 ``simulate=True`` builds the fake-quant float model instead, from the references (what the papers
 run): the same quantized weights, activations quantized by the reference quantizers, and the
@@ -414,8 +416,34 @@ def quantize_(model: nn.Module, config, state: Optional[QuantState] = None, *, s
             what = "simulated " + what
         setattr(parent, attr, new)
         report.converted[name] = what
+    _fuse_mlp_activations(modules, report)
     model.vitk_quant_report = report
     return report
+
+
+def _mlp_activation(m: nn.Module) -> Optional[str]:
+    """The lowbit activation equal to an Mlp's ``act`` (timm's and this package's Mlp run fc1, act,
+    drop1, norm, fc2, drop2), or None when it has no such form."""
+    act = getattr(m, "act", None)
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
+def _fuse_mlp_activations(modules, report: QuantReport) -> None:
+    # The GELU between an MLP's two linear layers runs in fc1's epilogue instead of as its own pass over
+    # the [tokens, 4 * dim] hidden activations (12% of a W8A8 Swin-T forward, measured with it unfused).
+    for name, m in modules.items():
+        if type(m).__name__ != "Mlp" or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+            continue
+        fc1, act = getattr(m, "fc1", None), _mlp_activation(m)
+        if act is None or not isinstance(fc1, lb._LowBit) or fc1.activation != "none":
+            continue
+        fc1.activation = act
+        m.act = nn.Identity()
+        report.converted[f"{name}.act" if name else "act"] = f"fused into fc1's epilogue (activation={act!r})"
 
 
 def quantized_copy(model: nn.Module, config, state: Optional[QuantState] = None, *, simulate: bool = False):

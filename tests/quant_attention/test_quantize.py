@@ -155,3 +155,31 @@ def test_report_lists_skips():
     # patch_embed is a conv; in_features 96 is not a multiple of 64; the MLP's fc2 (384) is.
     assert "blocks.0.attn.qkv" in report.skipped and "blocks.0.mlp.fc2" in report.converted
     assert "group_size" in report.skipped["blocks.0.attn.qkv"]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("model_fn", [tiny_vit, tiny_swin])
+def test_mlp_activation_runs_in_fc1_epilogue(model_fn, approximate):
+    m = model_fn()
+    mlps = [(n, mod) for n, mod in m.named_modules() if type(mod).__name__ == "Mlp"]
+    for _, mlp in mlps:
+        mlp.act = nn.GELU(approximate=approximate)
+    report = quant.quantize_(m, quant.Int8DynamicConfig())
+    want = "gelu" if approximate == "none" else "gelu_tanh"
+    for name, mlp in mlps:
+        assert mlp.fc1.activation == want and isinstance(mlp.act, nn.Identity)
+        assert want in report.converted[f"{name}.act"]
+    x = images()
+    with torch.no_grad():
+        fused = m(x)
+        for _, mlp in mlps:                 # the same quantized model with the activation as its own module
+            mlp.fc1.activation, mlp.act = "none", nn.GELU(approximate=approximate)
+        unfused = m(x)
+    assert rel_err(fused, unfused) < 1e-5
+
+
+def test_mlp_activation_stays_when_fc1_stays_float():
+    m = tiny_vit()
+    report = quant.quantize_(m, quant.Int4WeightConfig(group_size=64))   # fc1's in_features 96: skipped
+    assert "blocks.0.mlp.fc1" in report.skipped and isinstance(m.blocks[0].mlp.act, nn.GELU)
+    assert "blocks.0.mlp.act" not in report.converted
