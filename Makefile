@@ -16,7 +16,7 @@ SAN_ENV = LD_PRELOAD="$(SAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0:abort_on_error
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib TRITON_INTERPRET=1 \
 	VITK_FUZZ_BACKENDS=cpu
 
-.PHONY: deps install test pytest ctest nvcc-check sanitize portable bench clean
+.PHONY: deps install test pytest ctest nvcc-check sanitize portable avx2 bench clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -64,25 +64,32 @@ sanitize: deps
 	cd $(SAN_DIR) && $(SAN_ENV) $(PYTHON) -m pytest $(CURDIR)/tests -q -p no:cacheprovider -n $(JOBS) -k "not triton" --durations=20 \
 		--ignore=$(CURDIR)/tests/export --ignore=$(CURDIR)/tests/test_memory.py --ignore=$(CURDIR)/tests/test_threads.py
 
-# The portable CPU library (VITK_CPU_ARCH=portable: x86-64-v2, none of the AVX-512 / VNNI paths) in
-# build/portable (the installed one is untouched), then the lowbit tests, whose kernels have a plain-loop
-# fallback for CPUs without VNNI, on it.
-PORT_DIR := build/portable
-portable: deps
-	VITK_CPU_ARCH=portable VITK_NO_CUDA=1 VITK_BUILD_INFO_DIR=$(PORT_DIR)/lib/vitkernels MAX_JOBS=$(JOBS) \
-		$(PYTHON) setup.py -q build_ext --build-lib $(PORT_DIR)/lib --build-temp $(PORT_DIR)/tmp
-	$(PYTHON) -c "import shutil; shutil.copytree('vitkernels', '$(PORT_DIR)/lib/vitkernels', dirs_exist_ok=True, \
+# The CPU library built for an older ISA than this machine's, in build/<name> (the installed one is
+# untouched), and the tests of the kernels with ISA-specific paths (VNNI, AVX-512 exp and row operations,
+# AVX2 float rows, the vector-type FFTs) on it: $(call isa_tests,<dir>,<VITK_CPU_ARCH>,<gcc's -march name>).
+define isa_tests
+	VITK_CPU_ARCH=$(2) VITK_NO_CUDA=1 VITK_BUILD_INFO_DIR=$(1)/lib/vitkernels MAX_JOBS=$(JOBS) \
+		$(PYTHON) setup.py -q build_ext --build-lib $(1)/lib --build-temp $(1)/tmp
+	$(PYTHON) -c "import shutil; shutil.copytree('vitkernels', '$(1)/lib/vitkernels', dirs_exist_ok=True, \
 		ignore=shutil.ignore_patterns('_C*.so', '_build_info.py', '__pycache__'))"
-	# From inside build/portable, so that the source tree's vitkernels (cwd) cannot shadow the copy.
-	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -c \
-		"import vitkernels; assert '/$(PORT_DIR)/' in vitkernels.__file__, vitkernels.__file__; \
-		assert vitkernels.BUILD_INFO['cpu_arch'] == 'x86-64-v2', vitkernels.BUILD_INFO"
-	# The kernels with ISA-specific paths (VNNI, AVX-512 exp and row operations, AVX2 float rows, the
-	# vector-type FFTs), on their portable code.
-	cd $(PORT_DIR) && PYTHONPATH=$(CURDIR)/$(PORT_DIR)/lib TRITON_INTERPRET=1 $(PYTHON) -m pytest $(CURDIR)/tests/lowbit \
+	# From inside the build folder, so that the source tree's vitkernels (cwd) cannot shadow the copy.
+	cd $(1) && PYTHONPATH=$(CURDIR)/$(1)/lib TRITON_INTERPRET=1 $(PYTHON) -c \
+		"import vitkernels; assert '/$(1)/' in vitkernels.__file__, vitkernels.__file__; \
+		assert vitkernels.BUILD_INFO['cpu_arch'] == '$(3)', vitkernels.BUILD_INFO"
+	cd $(1) && PYTHONPATH=$(CURDIR)/$(1)/lib TRITON_INTERPRET=1 $(PYTHON) -m pytest $(CURDIR)/tests/lowbit \
 		$(CURDIR)/tests/quant_attention $(CURDIR)/tests/shiftadd $(CURDIR)/tests/window_attention/test_window_attention_nonfinite.py \
 		$(CURDIR)/tests/masked_attention/test_masked_attention_nonfinite.py $(CURDIR)/tests/spectral/test_global_filter.py \
-		-q -p no:cacheprovider -k "not triton"
+		-q -p no:cacheprovider -n $(JOBS) -k "not triton"
+endef
+
+# Portable (x86-64-v2: the plain-loop paths, for CPUs without AVX2) always; on an AVX-512 machine also
+# AVX2 (haswell), whose paths the native build there does not compile.
+portable: deps
+	$(call isa_tests,build/portable,portable,x86-64-v2)
+	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then $(MAKE) --no-print-directory avx2; fi
+
+avx2: deps
+	$(call isa_tests,build/avx2,haswell,haswell)
 
 bench: install
 	@$(PYTHON) -c "import faiss, matplotlib, pytest_benchmark, pywt, importlib.util as u; assert u.find_spec('pytorch_wavelets')" 2>/dev/null || \
