@@ -237,7 +237,7 @@ struct IntRows {
   const int16_t* a16[6];  // VITK_LOWBIT_WIDE: the same row widened to int16 (widen_row)
   int32_t rowc[6];
   float scale[6];
-  float* out[6];  // fp32 staging of MR x (16 * NR) outputs before the store
+  float* out[6];  // where row i's 16 * NR fp32 outputs go: the output row itself, or a staging row
 };
 
 // Epilogue of one 16-channel vector: scale, bias, activation.
