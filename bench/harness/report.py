@@ -224,7 +224,8 @@ def _run_lines(data: dict, run_ids) -> list:
         run = data["runs"].get(run_id, {})
         share = run.get("others_cpu_share")
         lines.append(f"- run {run_id}{' (--quick)' if run.get('quick') else ''}: {roofline_line(run.get('roofline'))}"
-                     + (f"; other processes used {share:.0%} of the CPU meanwhile" if share is not None else ""))
+                     + (f"; other processes used {share:.0%} of the CPU meanwhile" if share is not None else "")
+                     + (f"; {run['allocator']}" if run.get("allocator") else ""))
     return lines
 
 

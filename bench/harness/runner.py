@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from . import memory, timing
+from . import machine, memory, timing
 from .contenders import is_peer
 
 
@@ -135,7 +135,9 @@ def _run(session, benchmark, family, case, contender, rec) -> None:
     plan = timing.plan(one_call_s, session.quick)
     rec.update(plan)
     benchmark.extra_info.update({k: v for k, v in rec.items() if k not in ("family", "case", "contender")})
-    benchmark.pedantic(timed, **plan)
+    with machine.kept_blocks(session.device) as allocator:
+        benchmark.pedantic(timed, **plan)
+    session.collector.allocator = allocator
     if benchmark.stats is None:                           # --benchmark-disable: ran once, untimed
         rec.update(status="skipped", reason="benchmarks disabled")
     else:

@@ -32,13 +32,14 @@ class Collector:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.external = False       # True: the owner renders the table, conftest stays quiet
         self.cpu_start = self.cpu_end = None     # machine.cpu_snapshot() around the run
+        self.allocator = None                    # machine.kept_blocks()'s setting, once a call is timed
 
     def run_info(self) -> dict:
         """What the JSON keeps about the run a case was measured in."""
         m = self.machine or {}
         return {"torch": m.get("torch"), "torch_threads": m.get("torch_threads"), "quick": self.quick,
                 "vitkernels": _vitkernels_info(), "roofline": self.roofline,
-                "others_cpu_share": self.others_share()}
+                "others_cpu_share": self.others_share(), "allocator": self.allocator}
 
     def others_share(self):
         if self.cpu_end is None:
