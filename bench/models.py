@@ -49,7 +49,8 @@ def _flops(dim, heads, N=197, depth=12, mlp=4):
 
 def _swin_t_flops():
     """Swin-T at 224: per block 12 d^2 MACs per token in its linear layers and 2 * 49 * d in windowed
-    attention; patch embedding, the three patch mergings (4d -> 2d on a quarter of the tokens) and the head."""
+    attention; patch embedding, the three patch mergings (each of a stage's tokens from 4 tokens of width
+    d/2 of the stage before, 2d -> d) and the head."""
     macs = 56 * 56 * 48 * 96 + 768 * 1000
     for i, (depth, side) in enumerate(zip((2, 2, 6, 2), (56, 28, 14, 7))):
         d, tokens = 96 << i, side * side

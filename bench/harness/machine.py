@@ -112,7 +112,6 @@ def others_share(start, end):
     return round(min(1.0, max(0.0, other / (wall * cores()))), 3)
 
 
-
 KEPT_BLOCKS = ("timed with glibc keeping freed blocks (mmap threshold 1 GiB, no trim), so no contender's "
                "timed calls pay first-touch page faults")
 
@@ -133,8 +132,9 @@ def kept_blocks(device: str):
     mmap ceiling (32 MiB) is mapped fresh at each allocation and its first touch faults once per 4 KiB
     page: a 38.5 MB output took 12 ms of faults on the 2-core EPYC, as long as the kernel writing it, and
     whether a call paid it depended on what earlier cases had left in the heap (the same contender timed
-    12.5 ms in one run, 36 ms in the next). Afterwards glibc's ceiling comes back and the kept memory is
-    returned (malloc_trim), so the peak-memory call of the next contender sees its buffers again.
+    12.5 ms in one run, 36 ms in the next). Afterwards the mmap threshold is set to glibc's own ceiling
+    (32 MiB, now fixed rather than adaptive) and the kept memory is returned (malloc_trim), so the
+    peak-memory call of the next contender sees its large buffers again.
     Yields the setting for the run's record, or None (not a CPU run, or not glibc)."""
     libc = _libc() if not device.startswith("cuda") else None
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

@@ -1,9 +1,10 @@
 """Peak memory of one call, and how much memory a call may use before it is skipped.
 
-CPU: peak RSS growth (measured outside machine.kept_blocks, which times with freed blocks kept). Writing "5" to /proc/self/clear_refs resets VmHWM (the RSS high-water mark)
-to the current RSS, so VmHWM after the call minus VmRSS before it is what the call added. Memory the
-allocator already holds from earlier calls is reused without growing RSS, so small temporaries can
-be under-counted; large buffers (glibc mmaps anything over 32 MiB and unmaps it on free) are not.
+CPU: peak RSS growth, measured outside machine.kept_blocks (which times with freed blocks kept).
+Writing "5" to /proc/self/clear_refs resets VmHWM (the RSS high-water mark) to the current RSS, so
+VmHWM after the call minus VmRSS before it is what the call added. Memory the allocator already holds
+from earlier calls is reused without growing RSS, so small temporaries can be under-counted; large
+buffers (glibc mmaps anything over 32 MiB and unmaps it on free) are not.
 CUDA: the caching allocator's own peak counter, which is exact for torch allocations.
 """
 import torch

@@ -214,7 +214,8 @@ LEGEND = ("Times are medians (ms) after warm-up; speedups are other/vitk (>1: vi
 
 # ---------------------------------------------------------------- markdown pages
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}" + (f" ({m['isa']})" if m.get("isa") else "") + f", {m['cores']} cores, {m.get('mem_total_gib')} GiB"
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return (f"{m['cpu']}{isa}, {m['cores']} cores, {m.get('mem_total_gib')} GiB"
             + (f", {m['gpu']}" if m.get("gpu") else "") + f"; torch {m['torch']}, {m['torch_threads']} threads")
 
 

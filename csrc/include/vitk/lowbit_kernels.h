@@ -104,6 +104,13 @@ VITK_LB_INLINE v16f where_lt(v16f x, v16f y, v16f a, v16f b) {
 VITK_LB_INLINE v16f where_gt(v16f x, v16f y, v16f a, v16f b) { return where_lt(y, x, a, b); }
 
 // ---------------------------------------------------------------- activations (fp32, 16 lanes)
+// c0 + c1 x + c2 x^2 + ..., in Horner's order (coefficients lowest power first).
+VITK_LB_INLINE v16f horner(v16f, float c) { return splat(c); }
+template <class... Rest>
+VITK_LB_INLINE v16f horner(v16f x, float c, Rest... rest) {
+  return horner(x, rest...) * x + c;
+}
+
 // erf as x P(x^2) / Q(x^2) on x clamped to [-4, 4] (beyond, erf is 1 to fp32 precision): the rational
 // minimax form XLA and Eigen use for fp32, absolute error below 5e-7. No exponential: with A&S 7.1.26 and
 // an exp, a GELU epilogue cost as much as the int8 GEMM under it on Swin-T's K = 96 layers.
@@ -111,38 +118,26 @@ VITK_LB_INLINE v16f erf16(v16f x) {
   x = where_gt(x, splat(4.f), splat(4.f), x);
   x = where_lt(x, splat(-4.f), splat(-4.f), x);
   const v16f x2 = x * x;
-  v16f p = splat(-2.72614225801306e-10f);
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 - 2.10102402082508e-06f;
-  p = p * x2 - 5.69250639462346e-05f;
-  p = p * x2 - 7.34990630326855e-04f;
-  p = p * x2 - 2.95459980854025e-03f;
-  p = p * x2 - 1.60960333262415e-02f;
-  v16f q = splat(-1.45660718464996e-05f);
-  q = q * x2 - 2.13374055278905e-04f;
-  q = q * x2 - 1.68282697438203e-03f;
-  q = q * x2 - 7.37332916720468e-03f;
-  q = q * x2 - 1.42647390514189e-02f;
+  const v16f p = horner(x2, -1.60960333262415e-02f, -2.95459980854025e-03f, -7.34990630326855e-04f,
+                        -5.69250639462346e-05f, -2.10102402082508e-06f, 2.77068142495902e-08f,
+                        -2.72614225801306e-10f);
+  const v16f q = horner(x2, -1.42647390514189e-02f, -7.37332916720468e-03f, -1.68282697438203e-03f,
+                        -2.13374055278905e-04f, -1.45660718464996e-05f);
   return x * p / q;
 }
 
 // tanh in the same rational form on u clamped to +-7.905 (XLA's and Eigen's fp32 coefficients; absolute
 // error below 4e-7).
 VITK_LB_INLINE v16f tanh16(v16f u) {
-  u = where_gt(u, splat(7.90531110763549805f), splat(7.90531110763549805f), u);
-  u = where_lt(u, splat(-7.90531110763549805f), splat(-7.90531110763549805f), u);
+  const float lim = 7.90531110763549805f;
+  u = where_gt(u, splat(lim), splat(lim), u);
+  u = where_lt(u, splat(-lim), splat(-lim), u);
   const v16f u2 = u * u;
-  v16f p = splat(-2.76076847742355e-16f);
-  p = p * u2 + 2.00018790482477e-13f;
-  p = p * u2 - 8.60467152213735e-11f;
-  p = p * u2 + 5.12229709037114e-08f;
-  p = p * u2 + 1.48572235717979e-05f;
-  p = p * u2 + 6.37261928875436e-04f;
-  p = p * u2 + 4.89352455891786e-03f;
-  v16f q = splat(1.19825839466702e-06f);
-  q = q * u2 + 1.18534705686654e-04f;
-  q = q * u2 + 2.26843463243900e-03f;
-  q = q * u2 + 4.89352518554385e-03f;
+  const v16f p = horner(u2, 4.89352455891786e-03f, 6.37261928875436e-04f, 1.48572235717979e-05f,
+                        5.12229709037114e-08f, -8.60467152213735e-11f, 2.00018790482477e-13f,
+                        -2.76076847742355e-16f);
+  const v16f q = horner(u2, 4.89352518554385e-03f, 2.26843463243900e-03f, 1.18534705686654e-04f,
+                        1.19825839466702e-06f);
   return u * p / q;
 }
 
