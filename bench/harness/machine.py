@@ -45,12 +45,15 @@ def cores() -> int:
 
 def cpu_isa() -> str:
     """The widest vector ISA the CPU kernels build for here: hosts sold under one model name differ in it
-    (this package's EPYC hosts came with AVX2 only and with AVX-512 VNNI), and it changes every ratio."""
+    (this package's EPYC hosts came with AVX2 only and with AVX-512 VNNI; its Xeon with AMX tiles), and it
+    changes every ratio."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         flags = []
+    if "amx_int8" in flags:
+        return "amx"
     if "avx512f" in flags:
         return "avx512vnni" if "avx512_vnni" in flags else "avx512"
     if "avx2" in flags:

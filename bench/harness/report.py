@@ -26,12 +26,15 @@ def _peers(case):
 # ---------------------------------------------------------------- derived numbers
 def _contender_result(rec: dict, roof_s: float) -> dict:
     keep = {k: v for k, v in rec.items()
-            if k not in ("family", "case", "shape", "contender", "flops", "bytes", "int8_roof", "int8_gops")}
+            if k not in ("family", "case", "shape", "contender", "flops", "bytes", "int8_roof", "int8_gops",
+                         "int8_peak_gops")}
     if rec.get("status") == "ok":
         t = rec["median_ms"] / 1e3
         keep.update(gflops=rec["flops"] / t / 1e9, gbs=rec["bytes"] / t / 1e9, roofline_fraction=roof_s / t)
         if rec.get("int8_roof") and rec.get("int8_gops"):
             keep["int8_fraction"] = rec["flops"] / (rec["int8_gops"] * 1e9) / t
+        if rec.get("int8_roof") and rec.get("int8_peak_gops"):
+            keep["int8_peak_fraction"] = rec["flops"] / (rec["int8_peak_gops"] * 1e9) / t
     return keep
 
 
@@ -42,7 +45,7 @@ def results(records, roof: dict, run_id: str) -> dict:
         fam = out.setdefault(rec["family"], {})
         roof_s, bound = roof_seconds(rec["flops"], rec["bytes"], roof) if roof else (None, None)
         if roof and rec.get("int8_roof"):
-            rec = dict(rec, int8_gops=roof.get("int8_gops"))
+            rec = dict(rec, int8_gops=roof.get("int8_gops"), int8_peak_gops=roof.get("int8_peak_gops"))
         case = fam.setdefault(rec["case"], {"shape": rec["shape"], "flops": rec["flops"], "bytes": rec["bytes"],
                                             "roofline_ms": roof_s and roof_s * 1e3, "bound": bound,
                                             "run": run_id, "contenders": {}})
@@ -162,8 +165,8 @@ def roofline_cell(case) -> str:
     return f"{fmt_pct(frac)} ({case['bound']})" if frac else "-"
 
 
-def int8_cell(case) -> str:
-    frac = (case["contenders"].get("vitk") or {}).get("int8_fraction")
+def int8_cell(case, key="int8_fraction") -> str:
+    frac = (case["contenders"].get("vitk") or {}).get(key)
     return fmt_pct(frac) if frac else "-"
 
 
@@ -176,14 +179,14 @@ def family_table(cases: dict) -> str:
     short = {c: short_name(c, labels) for c in names}
     int8 = any((case["contenders"].get("vitk") or {}).get("int8_fraction") for case in cases.values())
     header = (["case", "shape"] + [f"{short[c]} ms" for c in names] + [f"{short[c]}/vitk" for c in others]
-              + ["vitk % roofline"] + (["vitk % int8 ceiling"] if int8 else [])
+              + ["vitk % roofline"] + (["vitk % int8 ceiling", "vitk % int8 peak"] if int8 else [])
               + ["peak MiB " + "/".join(short[c] for c in names)])
     rows = []
     for name, case in cases.items():
         cs, sp = case["contenders"], case.get("speedups", {})
         rows.append([name, case["shape"]] + [_cell(cs.get(c)) for c in names]
                     + [fmt_x(sp.get(f"{c}/vitk")) for c in others]
-                    + [roofline_cell(case)] + ([int8_cell(case)] if int8 else [])
+                    + [roofline_cell(case)] + ([int8_cell(case), int8_cell(case, "int8_peak_fraction")] if int8 else [])
                     + [" / ".join(_mib(cs.get(c)) for c in names)])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(s.ljust(w) for s, w in zip(r, widths)) + " |"   # noqa: E731
@@ -202,6 +205,8 @@ def roofline_line(roof: dict) -> str:
              if roof.get("numpy_sgemm_gflops") else "")
     int8 = (f"; int8 ceiling {roof['int8_gops']:.0f} GOP/s = torch._int_mm {roof['int8_n']}^3"
             if roof.get("int8_gops") else "")
+    if roof.get("int8_peak_gops"):
+        int8 += f"; int8 peak {roof['int8_peak_gops']:.0f} GOP/s ({roof['int8_peak_unit']} dot products, registers only)"
     return (f"roofline ({roof['device']}): {roof['bandwidth_gbs']:.1f} GB/s ({roof['copy_mib']} MiB copy_), "
             f"{roof['peak_gflops']:.0f} GFLOP/s fp32 = best sgemm {roof['sgemm_n']}^3 of torch "
             f"{roof['torch_sgemm_gflops']:.0f}{numpy}{int8}")

@@ -5,6 +5,10 @@ Peak FLOP/s: a large fp32 matmul through torch and, on CPU, through numpy's BLAS
 library, e.g. OpenBLAS vs torch's MKL/oneDNN); the faster one is the ceiling, since a kernel could
 in principle match it. Each is the best of a few repeats: a roof is a best case.
 """
+import os
+import shutil
+import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -29,6 +33,27 @@ def _numpy_blas() -> str:
         return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:                      # older numpy: no dict mode
         return "unknown"
+
+
+def int8_peak() -> tuple:
+    """(GOP/s, instructions) of int8_peak.c: the CPU's int8 dot-product peak with no memory traffic, AMX
+    tiles where Linux grants them. torch._int_mm need not use every unit the CPU has (on AMX Xeons it
+    runs at VNNI speed), so the integer GEMMs are also reported against this. (None, None) where no
+    compiler is found."""
+    src = os.path.join(os.path.dirname(__file__), "int8_peak.c")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "int8_peak")
+        try:
+            subprocess.run([cc, "-O2", "-march=native", "-fopenmp", src, "-o", exe], check=True,
+                           capture_output=True)
+            env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+            gops, unit = subprocess.run([exe], check=True, capture_output=True, text=True, env=env).stdout.split()
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return None, None
+    return (float(gops) or None), unit
 
 
 def measure(device: str, quick: bool = False) -> dict:
@@ -82,6 +107,7 @@ def measure(device: str, quick: bool = False) -> dict:
             t = _best_s(lambda: torch._int_mm(ai, bi), max(2, reps - 2))
         out.update(int8_gops=2.0 * n8 ** 3 / t / 1e9, int8_n=n8)
         del ai, bi
+        out.update(zip(("int8_peak_gops", "int8_peak_unit"), int8_peak()))
     candidates = {"torch": out["torch_sgemm_gflops"], "numpy": out["numpy_sgemm_gflops"]}
     source = max((k for k, v in candidates.items() if v), key=lambda k: candidates[k])
     out.update(peak_gflops=candidates[source], peak_source=source)

@@ -11,6 +11,8 @@ from conftest import backend_params
 ACTS = ["none", "relu", "gelu", "gelu_tanh"]
 SHAPES = [(1, 3, 2), (3, 17, 18), (17, 129, 130), (5, 40, 1000), (129, 33, 64)]   # (M, N, K), K even for int4
 ODD_K = [(1, 1, 1), (3, 17, 17), (17, 129, 129), (2, 1000, 3)]
+# The AMX kernel's edges: several 1 KiB slices of k with a ragged last chunk, several row blocks.
+LONG_K = [(70, 33, 2500), (450, 20, 2500)]
 # Triton on CPU tensors runs under the interpreter at numpy speed: fewer shapes, still odd ones and
 # ones spanning several tiles of M, N and K.
 INTERPRETED_SHAPES = [(1, 3, 2), (3, 17, 18), (17, 129, 130), (129, 33, 64)]
@@ -63,7 +65,7 @@ def test_quantize_exact(backend, device, symmetric, dtype, run_on):
 
 
 # ---------------------------------------------------------------- int8
-@pytest.mark.parametrize("backend,device,M,N,K", _backend_shapes("int8_linear", ODD_K + SHAPES,
+@pytest.mark.parametrize("backend,device,M,N,K", _backend_shapes("int8_linear", ODD_K + SHAPES + LONG_K,
                                                                   INTERPRETED_ODD_K + INTERPRETED_SHAPES))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("blocked", [False, True], ids=["plain", "blocked"])
@@ -139,7 +141,7 @@ def test_int4_linear_half(backend, device, dtype, run_on):
     _close(out, ref.int4_linear(x, wp, sc.to(torch.bfloat16), zero.to(torch.bfloat16), 32), rtol=1e-2)
 
 
-@pytest.mark.parametrize("backend,device,M,N,K", _backend_shapes("int4_int8_linear", SHAPES,
+@pytest.mark.parametrize("backend,device,M,N,K", _backend_shapes("int4_int8_linear", SHAPES + [(40, 70, 1000)],
                                                                   [(1, 3, 2), (17, 129, 130), (129, 33, 64)]))
 @pytest.mark.parametrize("act", ACTS)
 def test_int4_int8_linear(backend, device, M, N, K, act, run_on):

@@ -14,10 +14,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "common.h"
 #include "vitk/lowbit.h"
+#include "vitk/lowbit_amx.h"
 #include "vitk/registration.h"
 
 namespace vitk {
@@ -31,22 +33,47 @@ constexpr int64_t kTaskRows = 96;
 constexpr int kMR = 6;   // rows per micro-tile
 constexpr int kNR = 4;   // 16-channel blocks per micro-tile (a panel of 64 output channels)
 constexpr int kRowDotRows = 8;    // rows per pass of the small-M int4 kernel
-constexpr int64_t kSmallM = 16;   // int4_int8_linear up to this many rows: weights decoded in registers
+constexpr int64_t kSmallM = 16;
+constexpr int64_t kAmxRowBlockBytes = 1 << 20;  // packed x per AMX task: what one core's L2 holds
+constexpr int64_t kAmxSliceChunks = 16;          // k per AMX slice: 1 KiB, a pair of blocks' 32 KiB in L1   // int4_int8_linear up to this many rows: weights decoded in registers
 
-// x packed for the GEMM: one byte row per token, plus its correction factor and scale.
+// x packed for the GEMM: one byte row per token, plus its correction factor and scale. The rows are
+// followed by zero slack: AMX tiles read 32 rows and whole 64-byte chunks of k at a time. Only the slack
+// and each row's pad past K are zeroed here (zero-filling all of it cost as much as writing the rows):
+// whoever packs a row writes its first K bytes.
 struct PackedX {
-  int64_t M = 0, KP = 0;
-  std::vector<uint8_t> a;
+  int64_t M = 0, K = 0, KP = 0;
+  std::unique_ptr<uint8_t[]> bytes;
+  uint8_t* a = nullptr;
   std::vector<int32_t> rowc;
   std::vector<float> scale;
-  void resize(int64_t m, int64_t K) {
+  void resize(int64_t m, int64_t k) {
     M = m;
+    K = k;
     KP = lb::ceil_div(K, 4) * 4;
-    a.assign(M * KP, 0);
+    const int64_t rows = M * KP, total = (M + lb::amx::kStepRows) * KP + lb::amx::kChunkBytes;
+    bytes.reset(new uint8_t[total]);
+    a = bytes.get();
+    std::memset(a + rows, 0, total - rows);
+    if (KP > K)
+      for (int64_t m = 0; m < M; ++m) std::memset(a + m * KP + K, 0, KP - K);
     rowc.assign(M, 0);
     scale.assign(M, 0.f);
   }
 };
+
+// int8 codes to the biased uint8 operand in place, 8 bytes at a time (the byte loop was not vectorized,
+// and cost int8_linear 5x its GEMM at K = 3072).
+void flip_signs(uint8_t* a, int64_t K) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    uint64_t v;
+    std::memcpy(&v, a + k, 8);
+    v ^= 0x8080808080808080ull;
+    std::memcpy(a + k, &v, 8);
+  }
+  for (; k < K; ++k) a[k] ^= 0x80;
+}
 
 enum class XForm { kSymmetric, kAsymmetric, kSigned };  // u8 = q + 128 | u8 codes | s8 (int4 weights)
 
@@ -62,7 +89,7 @@ void quantize_rows(const at::Tensor& x, bool symmetric, XForm form, PackedX& p) 
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = fp32 ? x.const_data_ptr<float>() + off[m] : row.data();
       if (!fp32) load_row(x, off[m], K, row.data());
-      uint8_t* a = p.a.data() + m * p.KP;
+      uint8_t* a = p.a + m * p.KP;
       const lb::RowQuant rq = lb::quantize_row(r, K, symmetric, a, form == XForm::kSymmetric ? 0x80 : 0);
       int32_t rowc = form == XForm::kSymmetric ? 128 : rq.zero_point;
       if (form == XForm::kSigned) {
@@ -82,13 +109,129 @@ struct IntWeights {
   const uint8_t* codes = nullptr;    // [N][K/2] (int4_int8_linear)
 };
 
+// The blocks b0 .. b0 + nr - 1 of the weights: in memory already, or 4-bit codes decoded into `decoded`
+// (when `decode`: the panel changed).
+const int8_t* panel_blocks(const IntWeights& w, int64_t b0, int nr, int64_t N, int64_t K, bool decode,
+                           std::vector<int8_t>& decoded) {
+  const int64_t bb = lb::block_bytes(K);
+  if (!w.codes) return w.blocked + b0 * bb;
+  if (decode)
+    for (int j = 0; j < nr; ++j)
+      lb::block_int4_codes(w.codes, K / 2, (b0 + j) * lb::kBlockN, N, K,
+                           reinterpret_cast<uint8_t*>(decoded.data() + j * bb));
+  return decoded.data();
+}
+
 template <bool U>
 void run_tile(int mr, int nr, const lb::IntRows& rows, const int8_t* w, int64_t bb, int64_t KQ, int64_t n0, int64_t N,
               const lb::Epilogue& ep) {
   with_tile<kMR, kNR>(mr, nr, [&]<int MR, int NR>() { lb::int8_tile<MR, NR, U>(rows, w, bb, KQ, n0, N, ep); });
 }
 
+#if VITK_LOWBIT_AMX
+// The GEMM on AMX tiles (vitk/lowbit_amx.h), over the same panel tasks: each 32-row step of a task
+// takes the panel's blocks two at a time, and its int32 sums go through the same epilogue.
+void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const lb::Epilogue& ep, at::Tensor& out) {
+  namespace amx = lb::amx;
+  const OutRows dst(out);
+  const int64_t M = p.M, KQ = lb::ceil_div(K, 4), bb = lb::block_bytes(K);
+  const int64_t NB = lb::ceil_div(N, lb::kBlockN);
+  const bool unsigned_w = w.codes != nullptr, ragged_k = KQ % amx::kTileRows != 0;
+  const int64_t chunks = lb::ceil_div(KQ, amx::kTileRows), full = KQ / amx::kTileRows;
+  // Tasks are (block of rows, panel), row-block-major, each block of packed x at most ~1 MiB: a thread
+  // sweeps the panels with its rows held in L2 and reads each panel's weights once per block. (Panel-
+  // major tasks, as the vpdpbusd kernel runs, streamed all of x from L3 for every panel: at K = 3072 the
+  // tiles then idled three quarters of the time.)
+  const int64_t panels = lb::ceil_div(NB, kNR);
+  const int64_t max_rows = std::max<int64_t>(amx::kStepRows, kAmxRowBlockBytes / p.KP / amx::kStepRows * amx::kStepRows);
+  const int64_t row_blocks = lb::ceil_div(M, max_rows);
+  const int64_t block_rows = lb::ceil_div(lb::ceil_div(M, row_blocks), amx::kStepRows) * amx::kStepRows;
+  at::parallel_for(0, row_blocks * panels, 1, [&](int64_t t0, int64_t t1) {
+    amx::TileScope scope;
+    std::vector<int8_t> decoded(unsigned_w ? kNR * bb : 0), tails(ragged_k ? kNR * amx::kTailBytes : 0);
+    alignas(64) int32_t sums[2][amx::kStepInts];
+    std::vector<int32_t> spill(chunks > kAmxSliceChunks ? block_rows / amx::kStepRows * amx::kStepInts : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t panel = t % panels, m0 = t / panels * block_rows, m1 = std::min(M, m0 + block_rows);
+      if (m0 >= m1) continue;
+      const int64_t b0 = panel * kNR;
+      const int nr = static_cast<int>(std::min<int64_t>(kNR, NB - b0));
+      const int8_t* wb = panel_blocks(w, b0, nr, N, K, true, decoded);
+      if (ragged_k)
+        for (int j = 0; j < nr; ++j) amx::tail_chunk(wb + j * bb, KQ, tails.data() + j * amx::kTailBytes);
+      const int8_t* tail = tails.data();  // unused unless ragged_k
+      const int32_t* rowc = p.rowc.data();
+      const float* rscale = p.scale.data();
+      const int64_t n0 = b0 * lb::kBlockN;
+      // The epilogue of one step (its sums in buffer `buf`): rows [m, m + rows) x blocks j0..j1.
+      auto epilogue = [&](const int32_t* buf, int64_t m, int rows, int j0, int j1) {
+        for (int j = j0; j <= j1; ++j) {
+          const __m512i colc = _mm512_loadu_si512(reinterpret_cast<const void*>(wb + j * bb + KQ * lb::kQuadBytes));
+          const int64_t nj = n0 + j * lb::kBlockN;
+          const int valid = static_cast<int>(std::min<int64_t>(lb::kBlockN, N - nj));
+          const bool direct = dst.type == at::kFloat && valid == lb::kBlockN;
+          float* out0 = static_cast<float*>(dst.base) + nj;
+          for (int i = 0; i < rows; ++i) {
+            const __m512i s = _mm512_load_si512(buf + i * amx::kStepBlocks * lb::kBlockN + (j - j0) * lb::kBlockN);
+            const __m512i c = _mm512_sub_epi32(s, _mm512_mullo_epi32(_mm512_set1_epi32(rowc[m + i]), colc));
+            const lb::v16f v =
+                lb::finish(reinterpret_cast<lb::v16f>(_mm512_cvtepi32_ps(c)), rscale[m + i], ep, nj, valid);
+            if (direct)
+              _mm512_storeu_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
+            else
+              store(dst, m + i, nj, reinterpret_cast<const float*>(&v), valid);
+          }
+        }
+      };
+      // Software-pipelined: step s's products run on the tiles while step s-1's epilogue runs on the
+      // vector units, reading sums stored a step earlier (a vector load right after a tile store waits
+      // for it: done in line, the epilogue took as long as the products).
+      struct Pending {
+        int64_t m = -1;
+        int rows = 0, j0 = 0, j1 = 0;
+      } pending;
+      int cur = 0;
+      // Pairs of blocks outermost and k in slices of kAmxSliceChunks: a pair's slice of weights stays in
+      // L1 while the task's rows stream past it (the partial sums of unfinished slices wait in `spill`).
+      for (int j0 = 0; j0 < nr; j0 += amx::kStepBlocks) {
+        // An odd last block pairs with itself; its second copy of sums is not read.
+        const int j1 = std::min(j0 + 1, nr - 1);
+        const int8_t *w0 = wb + j0 * bb, *w1 = wb + j1 * bb;
+        const int8_t *t0 = tail + j0 * amx::kTailBytes, *t1 = tail + j1 * amx::kTailBytes;
+        for (int64_t c0 = 0; c0 < chunks; c0 += kAmxSliceChunks) {
+          const int64_t c1 = std::min(chunks, c0 + kAmxSliceChunks);
+          for (int64_t m = m0, s = 0; m < m1; m += amx::kStepRows, ++s) {
+            const uint8_t* a = p.a + m * p.KP;
+            int32_t* part = spill.data() + s * amx::kStepInts;
+            const int32_t* resume = c0 > 0 ? part : nullptr;
+            if (unsigned_w)
+              amx::accumulate_2x2<true>(a, p.KP, w0, w1, t0, t1, c0, c1, full, resume);
+            else
+              amx::accumulate_2x2<false>(a, p.KP, w0, w1, t0, t1, c0, c1, full, resume);
+            if (c1 < chunks) {
+              amx::store_sums(part);
+              continue;
+            }
+            if (pending.m >= 0) epilogue(sums[cur ^ 1], pending.m, pending.rows, pending.j0, pending.j1);
+            amx::store_sums(sums[cur]);
+            pending = {m, static_cast<int>(std::min<int64_t>(amx::kStepRows, m1 - m)), j0, j1};
+            cur ^= 1;
+          }
+        }
+      }
+      if (pending.m >= 0) epilogue(sums[cur ^ 1], pending.m, pending.rows, pending.j0, pending.j1);
+    }
+  });
+}
+#endif
+
 void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const lb::Epilogue& ep, at::Tensor& out) {
+#if VITK_LOWBIT_AMX
+  if (lb::amx::available()) {
+    amx_gemm(p, w, N, K, ep, out);
+    return;
+  }
+#endif
   const OutRows dst(out);
   const int64_t M = p.M, KQ = lb::ceil_div(K, 4), bb = lb::block_bytes(K);
   const int64_t NB = lb::ceil_div(N, lb::kBlockN);
@@ -98,7 +241,7 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   const int64_t wbb = lb::wide_block_bytes(K);
   std::vector<int16_t> a16(M * p.KP);
   at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) lb::widen_row(p.a.data() + m * p.KP, p.KP, unsigned_w, a16.data() + m * p.KP);
+    for (int64_t m = m0; m < m1; ++m) lb::widen_row(p.a + m * p.KP, p.KP, unsigned_w, a16.data() + m * p.KP);
   });
 #else
   const int64_t wbb = 0;
@@ -110,14 +253,7 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
       alignas(64) float stage[kMR][kNR * lb::kBlockN];
       const int64_t b0 = panel * kNR;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, NB - b0));
-      const int8_t* wb = w.blocked + b0 * bb;
-      if (unsigned_w) {
-        if (new_panel)
-          for (int j = 0; j < nr; ++j)
-            lb::block_int4_codes(w.codes, K / 2, (b0 + j) * lb::kBlockN, N, K,
-                                 reinterpret_cast<uint8_t*>(decoded.data() + j * bb));
-        wb = decoded.data();
-      }
+      const int8_t* wb = panel_blocks(w, b0, nr, N, K, new_panel, decoded);
       int64_t stride = bb;
 #if VITK_LOWBIT_WIDE
       if (new_panel)
@@ -133,7 +269,7 @@ void int_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
         lb::IntRows rows;
         for (int i = 0; i < mr; ++i) {
-          rows.a[i] = p.a.data() + (m + i) * p.KP;
+          rows.a[i] = p.a + (m + i) * p.KP;
 #if VITK_LOWBIT_WIDE
           rows.a16[i] = a16.data() + (m + i) * p.KP;
 #endif
@@ -166,7 +302,7 @@ void int4_rows_gemm(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K
   const int64_t M = p.M;
   std::vector<int8_t> xd(M * K);
   for (int64_t m = 0; m < M; ++m)
-    lb::deinterleave(reinterpret_cast<const int8_t*>(p.a.data() + m * p.KP), K, kInt4Lanes, xd.data() + m * K);
+    lb::deinterleave(reinterpret_cast<const int8_t*>(p.a + m * p.KP), K, kInt4Lanes, xd.data() + m * K);
   at::parallel_for(0, lb::ceil_div(N, lb::kBlockN), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * lb::kBlockN;
@@ -314,12 +450,10 @@ at::Tensor int8_linear(const at::Tensor& x_q_in, const at::Tensor& x_scale, cons
   const uint8_t* src = static_cast<const uint8_t*>(x_q.const_data_ptr());
   at::parallel_for(0, p.M, 64, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      uint8_t* a = p.a.data() + m * p.KP;
+      uint8_t* a = p.a + m * p.KP;
       const uint8_t* r = src + off[m];
-      if (is_signed)
-        for (int64_t k = 0; k < K; ++k) a[k] = r[k] ^ 0x80;
-      else
-        std::memcpy(a, r, K);
+      std::memcpy(a, r, K);
+      if (is_signed) flip_signs(a, K);
       p.rowc[m] = (is_signed ? 128 : 0) + (has_zp ? zp.const_data_ptr<int32_t>()[m] : 0);
       p.scale[m] = xs.const_data_ptr<float>()[m];
     }

@@ -111,6 +111,18 @@ VITK_LB_INLINE v16f horner(v16f x, float c, Rest... rest) {
   return horner(x, rest...) * x + c;
 }
 
+// 1 / q: on AVX-512 the 14-bit reciprocal estimate and one Newton step (about 1 ulp), since a zmm
+// division issues only every ~16 cycles and the GELU epilogue's one division per 16 outputs then cost as
+// much as a K = 768 int8 GEMM on AMX tiles.
+VITK_LB_INLINE v16f reciprocal(v16f q) {
+#if defined(__AVX512F__)
+  const v16f r = reinterpret_cast<v16f>(_mm512_rcp14_ps(reinterpret_cast<__m512>(q)));
+  return r * (2.f - q * r);
+#else
+  return 1.f / q;
+#endif
+}
+
 // erf as x P(x^2) / Q(x^2) on x clamped to [-4, 4] (beyond, erf is 1 to fp32 precision): the rational
 // minimax form XLA and Eigen use for fp32, absolute error below 5e-7. No exponential: with A&S 7.1.26 and
 // an exp, a GELU epilogue cost as much as the int8 GEMM under it on Swin-T's K = 96 layers.
@@ -123,7 +135,10 @@ VITK_LB_INLINE v16f erf16(v16f x) {
                         -2.72614225801306e-10f);
   const v16f q = horner(x2, -1.42647390514189e-02f, -7.37332916720468e-03f, -1.68282697438203e-03f,
                         -2.13374055278905e-04f, -1.45660718464996e-05f);
-  return x * p / q;
+  // Exactly +-1 at the clamp (the reciprocal's last ulp would leave 1 + erf(-inf) = 6e-8, and GELU(-inf)
+  // -inf instead of the reference's NaN).
+  const v16f r = x * p * reciprocal(q);
+  return where_lt(x, splat(-3.999f), splat(-1.f), where_gt(x, splat(3.999f), splat(1.f), r));
 }
 
 // tanh in the same rational form on u clamped to +-7.905 (XLA's and Eigen's fp32 coefficients; absolute
@@ -138,7 +153,8 @@ VITK_LB_INLINE v16f tanh16(v16f u) {
                         -2.76076847742355e-16f);
   const v16f q = horner(u2, 4.89352518554385e-03f, 2.26843463243900e-03f, 1.18534705686654e-04f,
                         1.19825839466702e-06f);
-  return u * p / q;
+  const v16f r = u * p * reciprocal(q);
+  return where_lt(u, splat(-7.9f), splat(-1.f), where_gt(u, splat(7.9f), splat(1.f), r));
 }
 
 // NaN stays NaN through every branch (the clamps above compare false for it, and so does v < 0).
