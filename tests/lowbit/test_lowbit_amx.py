@@ -1,8 +1,8 @@
 """On a CPU with AMX tiles, the integer GEMMs run on them; VITK_LOWBIT_AMX=0 keeps the vpdpbusd kernel.
 The integer sums are exact on both and the epilogue is the same code, so the two give the same bits:
 checked here by running both in subprocesses on the same inputs, over shapes that take every edge of
-the tile kernel (ragged rows, channels and k, several k slices, several row blocks, bf16 outputs, int4
-codes as the unsigned operand)."""
+the tile kernels (ragged rows, channels and k, several k slices, several row blocks, bf16 outputs, int4
+codes as the unsigned operand, and the few-row int4 kernel)."""
 import ctypes
 import os
 import subprocess
@@ -31,7 +31,8 @@ import sys, torch, vitkernels
 from vitkernels import lowbit as pack
 torch.manual_seed(0)
 outs = []
-for M, N, K in [(1, 3, 2), (33, 17, 64), (45, 70, 1000), (70, 33, 2500), (450, 20, 2500), (97, 130, 130)]:
+for M, N, K in [(1, 3, 2), (9, 70, 1000), (16, 33, 130), (33, 17, 64), (45, 70, 1000), (70, 33, 2500),
+                (450, 20, 2500), (97, 130, 130)]:
     x = torch.randn(M, K)
     x[0, 0] = 50.0
     wq, ws = pack.pack_int8(torch.randn(N, K))

@@ -33,9 +33,12 @@ constexpr int64_t kTaskRows = 96;
 constexpr int kMR = 6;   // rows per micro-tile
 constexpr int kNR = 4;   // 16-channel blocks per micro-tile (a panel of 64 output channels)
 constexpr int kRowDotRows = 8;    // rows per pass of the small-M int4 kernel
-constexpr int64_t kSmallM = 16;
+constexpr int64_t kSmallM = 16;   // int4_int8_linear up to this many rows: weights decoded in registers
+// ... on AMX tiles above this many rows; below, the vpdpbusd row kernel was faster (1 row: 0.03 against
+// 0.06 ms at 768 -> 3072; 4 rows: even).
+constexpr int64_t kAmxInt4MinRows = 4;
 constexpr int64_t kAmxRowBlockBytes = 1 << 20;  // packed x per AMX task: what one core's L2 holds
-constexpr int64_t kAmxSliceChunks = 16;          // k per AMX slice: 1 KiB, a pair of blocks' 32 KiB in L1   // int4_int8_linear up to this many rows: weights decoded in registers
+constexpr int64_t kAmxSliceChunks = 16;          // k per AMX slice: 1 KiB, a pair of blocks' 32 KiB in L1
 
 // x packed for the GEMM: one byte row per token, plus its correction factor and scale. The rows are
 // followed by zero slack: AMX tiles read 32 rows and whole 64-byte chunks of k at a time. Only the slack
@@ -146,9 +149,17 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   const int64_t max_rows = std::max<int64_t>(amx::kStepRows, kAmxRowBlockBytes / p.KP / amx::kStepRows * amx::kStepRows);
   const int64_t row_blocks = lb::ceil_div(M, max_rows);
   const int64_t block_rows = lb::ceil_div(lb::ceil_div(M, row_blocks), amx::kStepRows) * amx::kStepRows;
+  // 4-bit codes are decoded into blocks once, up front (N * K bytes), not once per row block.
+  std::vector<int8_t> decoded(unsigned_w ? NB * bb : 0);
+  if (unsigned_w)
+    at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        amx::block_int4_codes_fast(w.codes, K / 2, b * lb::kBlockN, N, K, reinterpret_cast<uint8_t*>(decoded.data() + b * bb));
+    });
+  const int8_t* blocks = unsigned_w ? decoded.data() : w.blocked;
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t t0, int64_t t1) {
     amx::TileScope scope;
-    std::vector<int8_t> decoded(unsigned_w ? kNR * bb : 0), tails(ragged_k ? kNR * amx::kTailBytes : 0);
+    std::vector<int8_t> tails(ragged_k ? kNR * amx::kTailBytes : 0);
     alignas(64) int32_t sums[2][amx::kStepInts];
     std::vector<int32_t> spill(chunks > kAmxSliceChunks ? block_rows / amx::kStepRows * amx::kStepInts : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -156,7 +167,7 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
       if (m0 >= m1) continue;
       const int64_t b0 = panel * kNR;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, NB - b0));
-      const int8_t* wb = panel_blocks(w, b0, nr, N, K, true, decoded);
+      const int8_t* wb = blocks + b0 * bb;
       if (ragged_k)
         for (int j = 0; j < nr; ++j) amx::tail_chunk(wb + j * bb, KQ, tails.data() + j * amx::kTailBytes);
       const int8_t* tail = tails.data();  // unused unless ragged_k
@@ -220,6 +231,77 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
         }
       }
       if (pending.m >= 0) epilogue(sums[cur ^ 1], pending.m, pending.rows, pending.j0, pending.j1);
+    }
+  });
+}
+
+// int4_int8_linear for at most 16 rows on AMX tiles (lb::amx::unpack_code_tile): tasks of 64 output
+// channels, four 16 x 16 sums (channels x rows) per task, each chunk's code tiles unpacked while the
+// previous chunk's products run; the sums are transposed back to rows in the epilogue.
+void amx_int4_rows(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K, const lb::Epilogue& ep,
+                   at::Tensor& out) {
+  namespace amx = lb::amx;
+  constexpr int kGroups = 4;  // 16-channel groups per task: sum tiles 0-3
+  const OutRows dst(out);
+  const int M = static_cast<int>(p.M);
+  const int64_t chunks = lb::ceil_div(K, amx::kChunkBytes), row_bytes = K / 2;
+  std::vector<uint8_t> xt(chunks * amx::kTailBytes);
+  amx::rows_as_weight_tiles(p.a, p.KP, M, K, xt.data());
+  const int64_t groups = lb::ceil_div(N, lb::kBlockN);
+  at::parallel_for(0, lb::ceil_div(groups, kGroups), 1, [&](int64_t t0, int64_t t1) {
+    amx::TileScope scope;
+    alignas(64) uint8_t codes_tile[2][kGroups][amx::kTailBytes];
+    alignas(64) int32_t sums[kGroups][lb::kBlockN * lb::kBlockN];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g0 = t * kGroups;
+      const int ng = static_cast<int>(std::min<int64_t>(kGroups, groups - g0));
+      const uint8_t* rows[kGroups][amx::kTileRows];
+      for (int g = 0; g < kGroups; ++g)
+        for (int j = 0; j < amx::kTileRows; ++j)  // channels past N (and groups past ng) repeat the last one
+          rows[g][j] = codes + std::min<int64_t>((g0 + g) * lb::kBlockN + j, N - 1) * row_bytes;
+      auto unpack = [&](int64_t c, int slot) {
+        const int bytes = static_cast<int>(std::min<int64_t>(32, row_bytes - c * 32));
+        for (int g = 0; g < kGroups; ++g) {
+          const uint8_t* at_c[amx::kTileRows];
+          for (int j = 0; j < amx::kTileRows; ++j) at_c[j] = rows[g][j] + c * 32;
+          amx::unpack_code_tile(at_c, bytes, codes_tile[slot][g]);
+        }
+      };
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      unpack(0, 0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int slot = static_cast<int>(c & 1);
+        if (c + 1 < chunks) unpack(c + 1, slot ^ 1);
+        _tile_loadd(7, xt.data() + c * amx::kTailBytes, amx::kChunkBytes);
+        _tile_loadd(4, codes_tile[slot][0], amx::kChunkBytes);
+        _tile_dpbusd(0, 4, 7);
+        _tile_loadd(5, codes_tile[slot][1], amx::kChunkBytes);
+        _tile_dpbusd(1, 5, 7);
+        _tile_loadd(6, codes_tile[slot][2], amx::kChunkBytes);
+        _tile_dpbusd(2, 6, 7);
+        _tile_loadd(4, codes_tile[slot][3], amx::kChunkBytes);
+        _tile_dpbusd(3, 4, 7);
+      }
+      _tile_stored(0, sums[0], amx::kChunkBytes);
+      _tile_stored(1, sums[1], amx::kChunkBytes);
+      _tile_stored(2, sums[2], amx::kChunkBytes);
+      _tile_stored(3, sums[3], amx::kChunkBytes);
+      for (int g = 0; g < ng; ++g) {
+        const int64_t n0 = (g0 + g) * lb::kBlockN;
+        const int valid = static_cast<int>(std::min<int64_t>(lb::kBlockN, N - n0));
+        const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(lb::kBlockN));
+        for (int m = 0; m < M; ++m) {
+          // Row m's 16 channel sums are column m of the channels x rows tile.
+          const __m512i s = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(m)), sums[g], 4);
+          lb::v16f v = reinterpret_cast<lb::v16f>(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, _mm512_set1_epi32(p.rowc[m]))));
+          v = lb::finish(v, p.scale[m], ep, n0, valid);
+          store(dst, m, n0, reinterpret_cast<const float*>(&v), valid);
+        }
+      }
     }
   });
 }
@@ -381,6 +463,12 @@ at::Tensor run_int(const at::Tensor& x, const PackedX& p, const IntWeights& w, c
   const lb::Epilogue ep{ws.const_data_ptr<float>(), ptr_or_null(b), act};
 #if VITK_LOWBIT_VNNI || defined(__AVX2__)
   if (w.codes && p.M <= kSmallM) {
+#if VITK_LOWBIT_AMX
+    if (p.M > kAmxInt4MinRows && lb::amx::available()) {
+      amx_int4_rows(p, w.codes, N, K, ep, out);
+      return out;
+    }
+#endif
     int4_rows_gemm(p, w.codes, N, K, ep, out);
     return out;
   }

@@ -18,6 +18,7 @@
 // tiles when done, so a context switch does not save 8 KiB of tile state afterwards.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -132,6 +133,71 @@ inline void store_sums(int32_t* sums) {
   _tile_stored(1, sums + 16, ld);
   _tile_stored(2, sums + 16 * 32, ld);
   _tile_stored(3, sums + 16 * 32 + 16, ld);
+}
+// For int4_int8_linear on a few rows the roles swap: the weights are the unsigned activation-side tile
+// (16 output channels x 64 values of k, unpacked from their rows of 4-bit codes on the fly) and x the
+// signed weight-side tile, so each 4-bit row is read once and never decoded into the blocked layout.
+//
+// x's rows (at most 16, signed codes, row stride lda, each padded with zeros to a multiple of 4 bytes)
+// as such tiles: chunk c, k-quad r holds x[m][64c + 4r + i] at byte 4m + i; rows past M and k past K 0.
+inline void rows_as_weight_tiles(const uint8_t* a, int64_t lda, int M, int64_t K, uint8_t* tiles) {
+  const int64_t KQ = (K + 3) / 4, chunks = (K + kChunkBytes - 1) / kChunkBytes;
+  std::memset(tiles, 0, chunks * kTailBytes);
+  for (int m = 0; m < M; ++m)
+    for (int64_t q = 0; q < KQ; ++q) std::memcpy(tiles + q * kChunkBytes + 4 * m, a + m * lda + 4 * q, 4);
+}
+
+// 16 rows of 4-bit codes (rows[j] pointing at the chunk's first packed byte, `bytes` <= 32 of them
+// valid) as a 16 x 64 tile of the unsigned codes (the nibble xor 8: the signed code + 8), low nibble
+// first. k past the valid bytes becomes 8, which meets the zero x there.
+inline void unpack_code_tile(const uint8_t* const* rows, int bytes, uint8_t* tile) {
+  const __mmask32 mask = bytes >= 32 ? ~__mmask32(0) : (__mmask32(1) << bytes) - 1;
+  const __m512i low = _mm512_set1_epi16(0x000F), high = _mm512_set1_epi16(0x0F00), eight = _mm512_set1_epi8(8);
+  for (int j = 0; j < kTileRows; ++j) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, rows[j]));
+    const __m512i v = _mm512_or_si512(_mm512_and_si512(w, low), _mm512_and_si512(_mm512_slli_epi16(w, 4), high));
+    _mm512_store_si512(reinterpret_cast<void*>(tile + j * kChunkBytes), _mm512_xor_si512(v, eight));
+  }
+}
+// A 16 x 16 matrix of dwords (r[j] = row j) transposed in registers: for h = 8, 4, 2, 1 the off-diagonal
+// h x h blocks of every 2h x 2h block swap (each stage swaps bit h of a row and column index where they
+// differ, so after all four every (row, column) has become (column, row)).
+inline void transpose_dwords(__m512i* r) {
+  for (int h = 8; h >= 1; h /= 2) {
+    alignas(64) int32_t lo[16], hi[16];
+    for (int l = 0; l < 16; ++l) {
+      lo[l] = (l & h) ? 16 + l - h : l;
+      hi[l] = (l & h) ? 16 + l : l + h;
+    }
+    const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & h) continue;
+      const __m512i a = r[i], b = r[i + h];
+      r[i] = _mm512_permutex2var_epi32(a, ilo, b);
+      r[i + h] = _mm512_permutex2var_epi32(a, ihi, b);
+    }
+  }
+}
+
+// lowbit::block_int4_codes in registers: the blocked unsigned operand of rows [n0, n0 + 16) of 4-bit codes
+// (row_bytes = K / 2 per row), a 16-row x 64-k tile at a time unpacked (unpack_code_tile) and transposed
+// into 16 k-quad rows. Rows past N repeat row N - 1 and k past K hold 8 (the code of zero): both meet
+// zeros (rows that are never stored, x's zero pad), so the sums are those of the zero-filled blocks.
+inline void block_int4_codes_fast(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t N, int64_t K, uint8_t* blk) {
+  const int64_t KQ = (K + 3) / 4, chunks = (K + kChunkBytes - 1) / kChunkBytes;
+  const uint8_t* rows[kTileRows];
+  alignas(64) uint8_t tile[kTailBytes];
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int j = 0; j < kTileRows; ++j) rows[j] = w + std::min<int64_t>(n0 + j, N - 1) * row_bytes + c * 32;
+    unpack_code_tile(rows, static_cast<int>(std::min<int64_t>(32, row_bytes - c * 32)), tile);
+    __m512i r[kTileRows];
+    for (int j = 0; j < kTileRows; ++j) r[j] = _mm512_load_si512(reinterpret_cast<const void*>(tile + j * kChunkBytes));
+    transpose_dwords(r);
+    const int64_t quads = std::min<int64_t>(kTileRows, KQ - c * kTileRows);
+    for (int q = 0; q < quads; ++q)
+      _mm512_storeu_si512(reinterpret_cast<void*>(blk + (c * kTileRows + q) * kChunkBytes), r[q]);
+  }
+  _mm512_storeu_si512(reinterpret_cast<void*>(blk + KQ * kChunkBytes), _mm512_set1_epi32(1));
 }
 #else
 inline bool available() { return false; }
