@@ -390,9 +390,11 @@ void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k
     attn::Scratch ws;
     WindowWalk<T, 3, 1> walk;
   };
+  const bool flush = attn::flush_is_negligible(v);
   attn::run_tasks(
       g.tasks, 1, [&] { return State{.walk = WindowWalk<T, 3, 1>(g, ins, outs, outw)}; },
       [&](State& st, attn::PrefetchQueue& pq, int64_t task, int64_t next) {
+        const attn::FlushUnderflow ftz(flush);
         float* qs = st.qb.grow(N * ldq);
         float* kts = st.ktb.grow(dqk * ldkt);
         float* vs = st.vb.grow(N * ldv);

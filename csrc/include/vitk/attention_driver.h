@@ -21,6 +21,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -148,6 +149,17 @@ inline void add_chunks(std::vector<Task>& tasks, int64_t p, int64_t h, int64_t l
 // PrefetchQueue; per task, body(state, pq, task, next) with next the following task of the same
 // batch (-1 at a batch's end: no prefetch across batches). The queue is cleared before the body,
 // which queues next's lines and plans them, and drained after it.
+// Whether a forward pass may flush underflowing results to zero (FlushUnderflow) without changing what it
+// returns beyond rounding: every value of v is finite and below 2^64 in magnitude, so a key whose weight
+// underflowed (below 2^-126 of the row's largest) moved an output by less than 2^-62, and no 0 * inf
+// NaN can appear where the gradual underflow gave inf.
+inline bool flush_is_negligible(const at::Tensor& v) {
+  if (v.numel() == 0) return true;
+  const auto [lo, hi] = at::aminmax(v);
+  const double mn = lo.item<double>(), mx = hi.item<double>();  // NaN fails both comparisons
+  return mn > -0x1p64 && mx < 0x1p64;
+}
+
 template <class MakeState, class Body>
 void run_tasks(int64_t ntasks, int64_t chunk, MakeState&& make_state, Body&& body) {
   const int64_t nchunks = ceil_div(ntasks, std::max<int64_t>(1, chunk));
