@@ -390,7 +390,7 @@ void window_fwd_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k
     attn::Scratch ws;
     WindowWalk<T, 3, 1> walk;
   };
-  const bool flush = attn::flush_is_negligible(v);
+  const bool flush = attn::flush_is_negligible(v);  // see flush_is_negligible
   attn::run_tasks(
       g.tasks, 1, [&] { return State{.walk = WindowWalk<T, 3, 1>(g, ins, outs, outw)}; },
       [&](State& st, attn::PrefetchQueue& pq, int64_t task, int64_t next) {
@@ -454,9 +454,12 @@ void window_bwd_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& 
     attn::Scratch ws;
     WindowWalk<T, 5, 3> walk;
   };
+  const bool flush = attn::flush_is_negligible(q, 0x1p20) && attn::flush_is_negligible(k, 0x1p20) &&
+                     attn::flush_is_negligible(v, 0x1p20) && attn::flush_is_negligible(go, 0x1p20);
   attn::run_tasks(
       g.tasks, bias_chunk(g), [&] { return State{.walk = WindowWalk<T, 5, 3>(g, ins, outs, outw)}; },
       [&](State& st, attn::PrefetchQueue& pq, int64_t task, int64_t next) {
+        const attn::FlushUnderflow ftz(flush);
         float* qs = st.qb.grow(N * ldq);
         float* ks = st.kb.grow(N * ldq);
         float* kts = st.ktb.grow(dqk * ldkt);

@@ -149,15 +149,16 @@ inline void add_chunks(std::vector<Task>& tasks, int64_t p, int64_t h, int64_t l
 // PrefetchQueue; per task, body(state, pq, task, next) with next the following task of the same
 // batch (-1 at a batch's end: no prefetch across batches). The queue is cleared before the body,
 // which queues next's lines and plans them, and drained after it.
-// Whether a forward pass may flush underflowing results to zero (FlushUnderflow) without changing what it
-// returns beyond rounding: every value of v is finite and below 2^64 in magnitude, so a key whose weight
-// underflowed (below 2^-126 of the row's largest) moved an output by less than 2^-62, and no 0 * inf
-// NaN can appear where the gradual underflow gave inf.
-inline bool flush_is_negligible(const at::Tensor& v) {
-  if (v.numel() == 0) return true;
-  const auto [lo, hi] = at::aminmax(v);
+// Whether a pass may flush underflowing results to zero (FlushUnderflow) without changing what it returns
+// beyond rounding: every value of t is finite and below `bound` in magnitude. For a forward, v below 2^64:
+// a key whose weight underflowed (below 2^-126 of the row's largest) then moved an output by less than
+// 2^-62, and no 0 * inf NaN can appear where gradual underflow gave inf. A backward multiplies such a
+// weight by products of up to three inputs (dS = P (dO v^T - D), then dS k), so it asks 2^20 of each.
+inline bool flush_is_negligible(const at::Tensor& t, double bound = 0x1p64) {
+  if (t.numel() == 0) return true;
+  const auto [lo, hi] = at::aminmax(t);
   const double mn = lo.item<double>(), mx = hi.item<double>();  // NaN fails both comparisons
-  return mn > -0x1p64 && mx < 0x1p64;
+  return mn > -bound && mx < bound;
 }
 
 template <class MakeState, class Body>
