@@ -60,3 +60,18 @@ def test_varlen_nonfinite_input_stays_in_its_segment(backend, device, where, val
     _same_nonfinite_and_values(out, expect)
     if where != "scale":
         assert not out[:5].isnan().any() and not out[12:].isnan().any(), "NaN leaked into another segment"
+
+
+def test_window_huge_finite_v_keeps_the_masked_weights(run_on):
+    """The C++ forward flushes underflowing weights to zero only when |v| < 2^64 (flush_is_negligible).
+    Here one value is 1e38: a key across the shift mask keeps its weight e^-100 (a denormal in fp32), so
+    queries of the other region see about 1e38 * e^-100 / n ~ 1e-6, as the float64 reference does, not 0."""
+    q, k = (torch.randn(B, H, W, HEADS, D) * 1e-3 for _ in range(2))
+    v = torch.randn(B, H, W, HEADS, D) * 1e-12
+    v[0, H - 1, W - 1, :, 0] = 1e38          # the last token: its own shift region in the last window
+    expect = ref.window_attention(q.double(), k.double(), v.double(), (WS, WS), (1, 1), None, None)
+    out = run_on("cpu", vitkernels.window_attention, q, k, v, WS, 1, None, None)
+    tiny = (expect.abs() > 1e-8) & (expect.abs() < 1e-3)
+    assert tiny.sum() > 0, "the case must give outputs that only the masked weight makes"
+    assert (out[tiny] != 0).all(), "a masked key's underflowing weight was flushed to zero"
+    torch.testing.assert_close(out[tiny].double(), expect[tiny], rtol=0.1, atol=0)

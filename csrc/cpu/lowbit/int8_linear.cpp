@@ -2,13 +2,14 @@
 //
 // Every call first packs x: each row quantized (or, for int8_linear, its codes copied) into a
 // contiguous byte row of ceil(K/4) * 4 bytes in the operand form the GEMM wants, with its scale and
-// its zero-point correction. The GEMM (vitk/lowbit_kernels.h) then runs over tasks of 128 rows x 64
+// its zero-point correction. The GEMM (vitk/lowbit_kernels.h) then runs over tasks of 96 rows x 64
 // output channels, in parallel over both, so a single token still spreads over every core (on AVX2
-// without VNNI, rows and each task's weight blocks are first widened to int16; see int8_tile). Weights
-// come blocked for VNNI: int8_linear / dynamic_int8_linear take the blocked layout the modules keep
-// (vitkernels.lowbit.block_int8, packed once), or block a plain [N, K] w_q per call; int4_int8_linear
-// decodes each task's 64 channels from the 4-bit codes into a thread-local block, used by all of the
-// task's rows.
+// without VNNI, rows and each task's weight blocks are first widened to int16; see int8_tile). On a CPU
+// with AMX tiles, amx_gemm runs instead (vitk/lowbit_amx.h). Weights come blocked for VNNI:
+// int8_linear / dynamic_int8_linear take the blocked layout the modules keep (vitkernels.lowbit.block_int8,
+// packed once), or block a plain [N, K] w_q per call; int4_int8_linear decodes the 4-bit codes into
+// blocks (per task's 64 channels, or all at once for the AMX kernel), or for at most 16 rows reads them
+// in place (int4_rows_gemm, amx_int4_rows).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -45,14 +46,13 @@ constexpr int64_t kAmxSliceChunks = 16;          // k per AMX slice: 1 KiB, a pa
 // and each row's pad past K are zeroed here (zero-filling all of it cost as much as writing the rows):
 // whoever packs a row writes its first K bytes.
 struct PackedX {
-  int64_t M = 0, K = 0, KP = 0;
+  int64_t M = 0, KP = 0;
   std::unique_ptr<uint8_t[]> bytes;
   uint8_t* a = nullptr;
   std::vector<int32_t> rowc;
   std::vector<float> scale;
-  void resize(int64_t m, int64_t k) {
+  void resize(int64_t m, int64_t K) {
     M = m;
-    K = k;
     KP = lb::ceil_div(K, 4) * 4;
     const int64_t rows = M * KP, total = (M + lb::amx::kStepRows) * KP + lb::amx::kChunkBytes;
     bytes.reset(new uint8_t[total]);
@@ -132,8 +132,8 @@ void run_tile(int mr, int nr, const lb::IntRows& rows, const int8_t* w, int64_t 
 }
 
 #if VITK_LOWBIT_AMX
-// The GEMM on AMX tiles (vitk/lowbit_amx.h), over the same panel tasks: each 32-row step of a task
-// takes the panel's blocks two at a time, and its int32 sums go through the same epilogue.
+// The GEMM on AMX tiles (vitk/lowbit_amx.h): each 32-row step of a task takes the panel's blocks two at
+// a time, and its int32 sums go through the vpdpbusd kernel's epilogue (finish_sums).
 void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const lb::Epilogue& ep, at::Tensor& out) {
   namespace amx = lb::amx;
   const OutRows dst(out);
@@ -184,9 +184,7 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
           float* out0 = static_cast<float*>(dst.base) + nj;
           for (int i = 0; i < rows; ++i) {
             const __m512i s = _mm512_load_si512(buf + i * amx::kStepBlocks * lb::kBlockN + (j - j0) * lb::kBlockN);
-            const __m512i c = _mm512_sub_epi32(s, _mm512_mullo_epi32(_mm512_set1_epi32(rowc[m + i]), colc));
-            const lb::v16f v =
-                lb::finish(reinterpret_cast<lb::v16f>(_mm512_cvtepi32_ps(c)), rscale[m + i], ep, nj, valid);
+            const lb::v16f v = lb::finish_sums(s, rowc[m + i], colc, rscale[m + i], ep, nj, valid);
             if (direct)
               _mm512_storeu_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
             else
@@ -235,7 +233,7 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   });
 }
 
-// int4_int8_linear for at most 16 rows on AMX tiles (lb::amx::unpack_code_tile): tasks of 64 output
+// int4_int8_linear for 5 to 16 rows on AMX tiles (lb::amx::unpack_code_tile): tasks of 64 output
 // channels, four 16 x 16 sums (channels x rows) per task, each chunk's code tiles unpacked while the
 // previous chunk's products run; the sums are transposed back to rows in the epilogue.
 void amx_int4_rows(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K, const lb::Epilogue& ep,
@@ -297,8 +295,7 @@ void amx_int4_rows(const PackedX& p, const uint8_t* codes, int64_t N, int64_t K,
         for (int m = 0; m < M; ++m) {
           // Row m's 16 channel sums are column m of the channels x rows tile.
           const __m512i s = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(m)), sums[g], 4);
-          lb::v16f v = reinterpret_cast<lb::v16f>(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, _mm512_set1_epi32(p.rowc[m]))));
-          v = lb::finish(v, p.scale[m], ep, n0, valid);
+          const lb::v16f v = lb::finish_sums(s, p.rowc[m], _mm512_set1_epi32(1), p.scale[m], ep, n0, valid);
           store(dst, m, n0, reinterpret_cast<const float*>(&v), valid);
         }
       }

@@ -1,6 +1,7 @@
 // The lowbit family's inner loops, torch-free. Each kernel has up to three paths, chosen at build time:
 // AVX-512 (VNNI for the integer GEMM), AVX2 (int16 operands; see int8_tile), and plain loops, which
-// `make portable` (x86-64-v2) builds and tests.
+// `make portable` (x86-64-v2) builds and tests. A build for an AMX CPU adds the tile GEMMs of
+// vitk/lowbit_amx.h, chosen at run time.
 //
 // Integer GEMM (int8_linear, dynamic_int8_linear, int4_int8_linear). Weights are stored in blocks of
 // 16 output channels, one 64-byte row per 4 values of k ("k-quad"): block b, k-quad q holds
@@ -274,6 +275,16 @@ VITK_LB_INLINE v16f finish(v16f v, float row_scale, const Epilogue& ep, int64_t 
   return activate(v, ep.act);
 }
 
+#if defined(__AVX512F__)
+// The epilogue of 16 exact int32 sums of one row: minus the zero-point correction rowc * colc[n], then
+// finish. Shared by the vpdpbusd tile and the AMX kernels, so both give the same bits.
+VITK_LB_INLINE v16f finish_sums(__m512i acc, int32_t rowc, __m512i colc, float row_scale, const Epilogue& ep,
+                                int64_t n0, int valid) {
+  const __m512i c = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(rowc), colc));
+  return finish(reinterpret_cast<v16f>(_mm512_cvtepi32_ps(c)), row_scale, ep, n0, valid);
+}
+#endif
+
 #if VITK_LOWBIT_WIDE
 // Bytes of one block widened to int16: the k-quads' 64 values each, then the correction row as is.
 inline int64_t wide_block_bytes(int64_t K) { return ceil_div(K, 4) * kQuadBytes * 2 + kQuadBytes; }
@@ -346,8 +357,7 @@ inline void int8_tile(const IntRows& rows, const int8_t* w, int64_t block_stride
     const int64_t nj = n0 + 16 * j;
     const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
     for (int i = 0; i < MR; ++i) {
-      __m512i c = _mm512_sub_epi32(acc[i][j], _mm512_mullo_epi32(_mm512_set1_epi32(rows.rowc[i]), colc));
-      v16f v = finish(reinterpret_cast<v16f>(_mm512_cvtepi32_ps(c)), rows.scale[i], ep, nj, valid);
+      const v16f v = finish_sums(acc[i][j], rows.rowc[i], colc, rows.scale[i], ep, nj, valid);
       std::memcpy(rows.out[i] + 16 * j, &v, sizeof(v));
     }
   }
