@@ -51,7 +51,8 @@ def _isa_of(march_flags):
         return []
     wanted = {"__AVX2__": "avx2", "__FMA__": "fma", "__AVX512F__": "avx512f",
               "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl", "__F16C__": "f16c",
-              "__AVX512VNNI__": "avx512_vnni", "__AMX_TILE__": "amx_tile", "__AMX_INT8__": "amx_int8"}
+              "__AVX512VNNI__": "avx512_vnni", "__AMX_TILE__": "amx_tile", "__AMX_INT8__": "amx_int8",
+              "__AMX_BF16__": "amx_bf16", "__AVX512BF16__": "avx512_bf16", "__AVX512VBMI__": "avx512vbmi"}
     return sorted(v for k, v in wanted.items() if f"#define {k} " in out)
 
 

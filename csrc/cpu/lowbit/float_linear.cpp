@@ -6,6 +6,9 @@
 // the code's exponent to x's (vscalefps, a sign flip and a masked add per 16 values), the table (one
 // vpermps and one fma per 16 values) is the faster one, and it is the same code for both ops.
 //
+// With AMX bf16 tiles (and M >= kAmxMinRows), float_linear_amx.cpp computes them instead: x split into
+// exact bf16 parts, codes as bf16 tiles, fp32 sums; the rows it cannot take exactly come back here.
+//
 // Many rows (M > 16): tasks of (panel of 64 output channels, 96 rows), panel-major, in parallel over
 // both. A thread decodes its panel once, k-major ([K][64] fp32), and reuses it for all of its rows:
 // 6 x 64 outer-product micro-tiles (24 vector accumulators over the whole of K, fp32 fma), finished
@@ -20,6 +23,7 @@
 #include <vector>
 
 #include "common.h"
+#include "float_linear_amx.h"
 #include "vitk/lowbit.h"
 #include "vitk/registration.h"
 
@@ -35,6 +39,9 @@ constexpr int kMR = 6, kNR = 4;            // micro-tile: 6 rows x 4 vectors of 
 constexpr int64_t kPanel = 16 * kNR;       // output channels per decoded panel
 constexpr int kRowDotRows = 8;
 constexpr int64_t kSmallM = 16;
+// With AMX bf16 tiles, from this many rows on: below it the few-row kernel, which reads each packed
+// row once, is faster (M = 1: 0.08 against 0.14 ms at 768 -> 3072; M = 4: 0.19 against 0.15 ms).
+constexpr int64_t kAmxMinRows = 4;
 
 // The codes and the tables they are decoded through: row n's K/G tables of 16 values (one per group
 // of G values of k) written by tables(n, dst).
@@ -49,7 +56,8 @@ struct FloatRows {
   std::vector<float> buf;
   const float* base = nullptr;
   std::vector<int64_t> off;
-  FloatRows(const at::Tensor& x, int64_t K) : off(row_offsets(x)) {
+  FloatRows(const at::Tensor& x, int64_t K) : FloatRows(x, K, row_offsets(x)) {}
+  FloatRows(const at::Tensor& x, int64_t K, std::vector<int64_t> offsets) : off(std::move(offsets)) {
     const int64_t M = static_cast<int64_t>(off.size());
     if (x.scalar_type() == at::kFloat) {
       base = x.const_data_ptr<float>();
@@ -180,22 +188,44 @@ void rows_gemm(const FloatRows& x, int64_t M, int64_t N, int64_t K, const Codes&
 }
 #endif
 
-at::Tensor float_gemm(const at::Tensor& x, int64_t N, const Codes& codes, const at::Tensor& col_scale,
-                      const std::optional<at::Tensor>& bias, Act act) {
-  const int64_t K = x.size(-1);
-  const at::Tensor b = channel_vector(bias, "bias", N, x);
-  at::Tensor out = at::empty(out_shape(x, N), x.options());
-  const FloatRows rows(x, K);
+void fp32_gemm(const FloatRows& rows, int64_t N, int64_t K, const Codes& codes, const lb::Epilogue& ep,
+               at::Tensor& out) {
   const int64_t M = static_cast<int64_t>(rows.off.size());
-  if (M == 0 || N == 0) return out;
-  const lb::Epilogue ep{ptr_or_null(col_scale), ptr_or_null(b), act};
 #if VITK_LOWBIT_VNNI || defined(__AVX2__)
   if (M <= kSmallM) {
     rows_gemm(rows, M, N, K, codes, ep, out);
-    return out;
+    return;
   }
 #endif
   panel_gemm(rows, M, N, K, codes, ep, out);
+}
+
+// codes serve the fp32 kernels, tiles (the same weights) the AMX bf16 one; col_scale is the fp32
+// kernels' per-channel scale, which tiles.scale carries for the tile kernel.
+at::Tensor float_gemm(const at::Tensor& x, int64_t N, const Codes& codes, const TileCodes& tiles,
+                      const at::Tensor& col_scale, const std::optional<at::Tensor>& bias, Act act) {
+  const int64_t K = x.size(-1);
+  const at::Tensor b = channel_vector(bias, "bias", N, x);
+  at::Tensor out = at::empty(out_shape(x, N), x.options());
+  std::vector<int64_t> off = row_offsets(x);
+  const int64_t M = static_cast<int64_t>(off.size());
+  if (M == 0 || N == 0) return out;
+  const lb::Epilogue ep{ptr_or_null(col_scale), ptr_or_null(b), act};
+#if VITK_LOWBIT_AMX_BF16
+  if (lb::amx::available_bf16() && M >= kAmxMinRows) {
+    const std::vector<int64_t> redo = amx_float_gemm(x, off, N, K, tiles, {nullptr, ep.bias, act}, out);
+    if (redo.empty()) return out;
+    // Rows the tiles cannot take exactly (non-finite, extreme scales) get the fp32 kernels' result.
+    std::vector<int64_t> sub(redo.size());
+    for (size_t i = 0; i < redo.size(); ++i) sub[i] = off[redo[i]];
+    at::Tensor part = at::empty({static_cast<int64_t>(redo.size()), N}, out.options());
+    fp32_gemm(FloatRows(x, K, std::move(sub)), N, K, codes, ep, part);
+    at::Tensor flat = out.view({M, N});
+    for (size_t i = 0; i < redo.size(); ++i) flat[redo[i]].copy_(part[static_cast<int64_t>(i)]);
+    return out;
+  }
+#endif
+  fp32_gemm(FloatRows(x, K, std::move(off)), N, K, codes, ep, out);
   return out;
 }
 
@@ -232,7 +262,10 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& w_packed, const
   const Codes c{codes, group_size, [&](int64_t n, float* dst) {
     for (int64_t g = 0; g < G; ++g) lb::int4_table(sp[n * G + g], zp ? zp + n * G + g : nullptr, dst + 16 * g);
   }};
-  return float_gemm(x, N, c, at::Tensor(), bias, args.act);
+  float values[16];
+  for (int i = 0; i < 16; ++i) values[i] = static_cast<float>(has_zero || i < 8 ? i : i - 16);
+  const TileCodes t{codes, values, group_size, sp, zp};
+  return float_gemm(x, N, c, t, at::Tensor(), bias, args.act);
 }
 
 at::Tensor shift_linear(const at::Tensor& x_in, const at::Tensor& w_packed, const std::optional<at::Tensor>& w_scale,
@@ -246,7 +279,8 @@ at::Tensor shift_linear(const at::Tensor& x_in, const at::Tensor& w_packed, cons
   float table[16];
   lb::shift_table(table);
   const Codes c{codes, K, [&](int64_t, float* dst) { std::memcpy(dst, table, sizeof(table)); }};
-  return float_gemm(x, N, c, s, bias, args.act);
+  const TileCodes t{codes, table, K, ptr_or_null(s), nullptr};
+  return float_gemm(x, N, c, t, s, bias, args.act);
 }
 
 }  // namespace cpu

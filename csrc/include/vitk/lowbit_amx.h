@@ -62,10 +62,12 @@ inline bool available() {
   return ok;
 }
 
-// Holds this thread's tile configuration for its lifetime: every tile 16 rows x 64 bytes.
+// Holds this thread's tile configuration for its lifetime: every tile 64 bytes wide, tiles 6 and 7 (the
+// weight side) 16 rows and tiles 0-5 (sums, activations) `rows` rows: a tile product costs a cycle per
+// activation row, so a call of a few rows configures only those.
 class TileScope {
  public:
-  TileScope() {
+  explicit TileScope(int rows = kTileRows) {
     struct alignas(64) {
       uint8_t palette, start_row, reserved[14];
       uint16_t colsb[16];
@@ -75,7 +77,7 @@ class TileScope {
     cfg.palette = 1;
     for (int t = 0; t < 8; ++t) {
       cfg.colsb[t] = kChunkBytes;
-      cfg.rows[t] = kTileRows;
+      cfg.rows[t] = static_cast<uint8_t>(t < 6 ? rows : kTileRows);
     }
     _tile_loadconfig(&cfg);
   }

@@ -506,17 +506,20 @@ inline __m256 lookup16(__m256i code, __m256 lo, __m256 hi) {
 template <int MT>
 inline void f32_row_dot_avx2(const float* const* xd, const uint8_t* row, int64_t K, int64_t G, const float* tables,
                              float* out) {
-  __m256 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  // Even and odd halves in separate registers, as f32_row_dot.
+  __m256 acc[MT], acc_odd[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = acc_odd[m] = _mm256_setzero_ps();
   const int64_t K16 = K / 16 * 16;
   const __m256i low = _mm256_set1_epi32(15);
   __m256 lo = _mm256_loadu_ps(tables), hi = _mm256_loadu_ps(tables + 8);
+  const float* next_table = tables;
   int64_t next_group = G;
   for (int64_t k = 0; k < K16; k += 16) {
-    if (k >= next_group) {
-      lo = _mm256_loadu_ps(tables + (k / G) * 16);
-      hi = _mm256_loadu_ps(tables + (k / G) * 16 + 8);
-      next_group = (k / G + 1) * G;
+    if (k >= next_group) {  // G >= 32: at most one group starts per 16 values
+      next_table += 16;
+      lo = _mm256_loadu_ps(next_table);
+      hi = _mm256_loadu_ps(next_table + 8);
+      next_group += G;
     }
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
     const __m256 we = lookup16(_mm256_and_si256(v, low), lo, hi);
@@ -524,9 +527,10 @@ inline void f32_row_dot_avx2(const float* const* xd, const uint8_t* row, int64_t
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
       acc[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xd[m] + k), acc[m]);
-      acc[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xd[m] + k + 8), acc[m]);
+      acc_odd[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xd[m] + k + 8), acc_odd[m]);
     }
   }
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_add_ps(acc[m], acc_odd[m]);
   for (int m = 0; m < MT; ++m) {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, acc[m]);
@@ -557,8 +561,19 @@ inline void decode_column(const uint8_t* row, int64_t K, int64_t G, const float*
 
 // The 16 values of int4_linear's codes in one group: (code - zero) * scale, or signed codes * scale.
 inline void int4_table(float scale, const float* zero, float* t) {
-  for (int c = 0; c < 16; ++c)
-    t[c] = zero ? (static_cast<float>(c) - *zero) * scale : static_cast<float>(c < 8 ? c : c - 16) * scale;
+  // Built per channel and group, the table cost as much as a one-row GEMM over them when scalar.
+#if defined(__AVX512F__)
+  const __m512 codes = zero ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                            : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  _mm512_storeu_ps(t, _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero ? *zero : 0.f)), _mm512_set1_ps(scale)));
+#else
+  if (zero) {
+    const float z = *zero;
+    for (int c = 0; c < 16; ++c) t[c] = (static_cast<float>(c) - z) * scale;
+  } else {
+    for (int c = 0; c < 16; ++c) t[c] = static_cast<float>((c ^ 8) - 8) * scale;
+  }
+#endif
 }
 
 // The powers of two of shift_linear's codes: 0 and 8 are zero, 1..7 are 2^-(c-1), 9..15 are -2^-(c-9).
@@ -593,28 +608,39 @@ inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 template <int MT>
 inline void f32_row_dot(const float* const* xd, const uint8_t* row, int64_t K, int64_t G, const float* tables,
                         float* out) {
-  __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  // U chunks of 32 values per iteration and the even and odd halves of each into separate registers:
+  // with one chain of fma per row, a row or two ran at the fma latency.
+  constexpr int U = MT <= 4 ? 2 : 1;
+  __m512 acc[U][2][MT];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MT; ++m) acc[u][0][m] = acc[u][1][m] = _mm512_setzero_ps();
   const int64_t K32 = K / 32 * 32;
   const __m512i low = _mm512_set1_epi32(15);
-  __m512 tbl = _mm512_loadu_ps(tables);
-  int64_t next_group = G;
-  for (int64_t k = 0; k < K32; k += 32) {
-    if (k >= next_group) {
-      tbl = _mm512_loadu_ps(tables + (k / G) * 16);
-      next_group = (k / G + 1) * G;
-    }
+  auto chunk = [&](int u, int64_t k, __m512 tbl) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
     const __m512 we = _mm512_permutexvar_ps(_mm512_and_si512(v, low), tbl);
     const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tbl);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
-      acc[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xd[m] + k), acc[m]);
-      acc[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xd[m] + k + 16), acc[m]);
+      acc[u][0][m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xd[m] + k), acc[u][0][m]);
+      acc[u][1][m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xd[m] + k + 16), acc[u][1][m]);
     }
+  };
+  // Groups of G >= 32 values (a multiple of 32, or G = K: one group), each with its table.
+  const float* table = tables;
+  for (int64_t g0 = 0; g0 < K32; g0 += G, table += 16) {
+    const __m512 tbl = _mm512_loadu_ps(table);
+    const int64_t g1 = std::min(K32, g0 + G);
+    int64_t k = g0;
+    for (; k + 32 * U <= g1; k += 32 * U)
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) chunk(u, k + 32 * u, tbl);
+    for (; k < g1; k += 32) chunk(0, k, tbl);
   }
   for (int m = 0; m < MT; ++m) {
-    float s = hsum(acc[m]);
+    __m512 t = _mm512_add_ps(acc[0][0][m], acc[0][1][m]);
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, _mm512_add_ps(acc[u][0][m], acc[u][1][m]));
+    float s = hsum(t);
     for (int64_t k = K32; k < K; ++k) s += xd[m][k] * tables[(k / G) * 16 + ((row[k >> 1] >> ((k & 1) * 4)) & 15)];
     out[m] = s;
   }
