@@ -194,6 +194,27 @@ def test_pack_roundtrips():
         assert float((err / sc.repeat_interleave(32, 1)).max()) <= 0.5 + 1e-5 + (0 if sym else 0.5)
 
 
+# ---------------------------------------------------------------- outputs of 16 MiB and more
+def test_large_outputs():
+    """fp32 outputs of 16 MiB and more are written with streaming stores on the CPU: every row and
+    channel must still arrive."""
+    M, N, K = 4200, 1024, 64                                   # 17.2 MB of fp32 output
+    x = torch.randn(M, K)
+    bias = torch.randn(N)
+    wq, ws = pack.pack_int8(torch.randn(N, K))
+    _close(torch.ops.vitk.dynamic_int8_linear(x, pack.block_int8(wq), ws, bias, activation="gelu"),
+           ref.dynamic_int8_linear(x, wq, ws, bias, "gelu"))
+    xi = torch.randint(-127, 128, (M, K)).float()
+    xi[:, 0] = 127
+    assert torch.equal(torch.ops.vitk.dynamic_int8_linear(xi, wq, torch.ones(N)).double(),
+                       ref.dynamic_int8_linear(xi, wq, torch.ones(N)))
+    wp, sc, zero = pack.pack_int4(torch.randn(N, K), 32, False)
+    _close(torch.ops.vitk.int4_linear(x, wp, sc, zero, 32, bias), ref.int4_linear(x, wp, sc, zero, 32, bias))
+    wp, sc = pack.pack_shift(torch.randn(N, K))
+    _close(torch.ops.vitk.shift_linear(x, wp, sc, bias, activation="relu"),
+           ref.shift_linear(x, wp, sc, bias, "relu"))
+
+
 # ---------------------------------------------------------------- gradients wrt x
 GRAD_OPS = ["dynamic_int8_linear", "int4_linear", "shift_linear"]
 

@@ -134,6 +134,7 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
     });
 
   const int head_rows = static_cast<int>(std::min<int64_t>(16, M));
+  const bool stream = stream_rows(dst, M);
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t t0, int64_t t1) {
     amx::TileScope scope(head_rows);
     std::unique_ptr<uint16_t[]> own_tiles(shared ? nullptr : new uint16_t[2 * panel_elems]);
@@ -173,8 +174,11 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
           const int64_t nj = pn.n0 + 16 * j;
           const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
           const lb::v16f f = lb::finish((lb::v16f)v, 1.f, ep, nj, valid);
-          if (dst.type == at::kFloat && valid == 16)
-            _mm512_storeu_ps(static_cast<float*>(dst.base) + (q.m + i) * dst.ld + nj, (__m512)f);
+          float* at_out = static_cast<float*>(dst.base) + (q.m + i) * dst.ld + nj;
+          if (dst.type == at::kFloat && valid == 16 && stream)
+            _mm512_stream_ps(at_out, (__m512)f);
+          else if (dst.type == at::kFloat && valid == 16)
+            _mm512_storeu_ps(at_out, (__m512)f);
           else
             store(dst, q.m + i, nj, reinterpret_cast<const float*>(&f), valid);
         }
@@ -236,6 +240,7 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
       pb ^= 1;
     }
     if (pending.m >= 0) fold(pending, pending.rows);
+    _mm_sfence();
   });
 
   std::vector<int64_t> redo;

@@ -157,6 +157,7 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
         amx::block_int4_codes_fast(w.codes, K / 2, b * lb::kBlockN, N, K, reinterpret_cast<uint8_t*>(decoded.data() + b * bb));
     });
   const int8_t* blocks = unsigned_w ? decoded.data() : w.blocked;
+  const bool stream = stream_rows(dst, M);
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t t0, int64_t t1) {
     amx::TileScope scope;
     std::vector<int8_t> tails(ragged_k ? kNR * amx::kTailBytes : 0);
@@ -185,7 +186,9 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
           for (int i = 0; i < rows; ++i) {
             const __m512i s = _mm512_load_si512(buf + i * amx::kStepBlocks * lb::kBlockN + (j - j0) * lb::kBlockN);
             const lb::v16f v = lb::finish_sums(s, rowc[m + i], colc, rscale[m + i], ep, nj, valid);
-            if (direct)
+            if (direct && stream)
+              _mm512_stream_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
+            else if (direct)
               _mm512_storeu_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
             else
               store(dst, m + i, nj, reinterpret_cast<const float*>(&v), valid);
@@ -230,6 +233,7 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
       }
       if (pending.m >= 0) epilogue(sums[cur ^ 1], pending.m, pending.rows, pending.j0, pending.j1);
     }
+    _mm_sfence();
   });
 }
 
