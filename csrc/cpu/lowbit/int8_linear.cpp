@@ -95,11 +95,7 @@ void quantize_rows(const at::Tensor& x, bool symmetric, XForm form, PackedX& p) 
       uint8_t* a = p.a + m * p.KP;
       const lb::RowQuant rq = lb::quantize_row(r, K, symmetric, a, form == XForm::kSymmetric ? 0x80 : 0);
       int32_t rowc = form == XForm::kSymmetric ? 128 : rq.zero_point;
-      if (form == XForm::kSigned) {
-        int32_t sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += static_cast<int8_t>(a[k]);
-        rowc = 8 * sum;
-      }
+      if (form == XForm::kSigned) rowc = 8 * lb::signed_byte_sum(a, K);
       p.rowc[m] = rowc;
       p.scale[m] = rq.scale;
     }
@@ -150,13 +146,14 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
   const int64_t row_blocks = lb::ceil_div(M, max_rows);
   const int64_t block_rows = lb::ceil_div(lb::ceil_div(M, row_blocks), amx::kStepRows) * amx::kStepRows;
   // 4-bit codes are decoded into blocks once, up front (N * K bytes), not once per row block.
-  std::vector<int8_t> decoded(unsigned_w ? NB * bb : 0);
+  // block_int4_codes_fast writes every byte of its blocks, so the buffer is not zero-filled first.
+  std::unique_ptr<int8_t[]> decoded(unsigned_w ? new int8_t[NB * bb] : nullptr);
   if (unsigned_w)
     at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        amx::block_int4_codes_fast(w.codes, K / 2, b * lb::kBlockN, N, K, reinterpret_cast<uint8_t*>(decoded.data() + b * bb));
+        amx::block_int4_codes_fast(w.codes, K / 2, b * lb::kBlockN, N, K, reinterpret_cast<uint8_t*>(decoded.get() + b * bb));
     });
-  const int8_t* blocks = unsigned_w ? decoded.data() : w.blocked;
+  const int8_t* blocks = unsigned_w ? decoded.get() : w.blocked;
   const bool stream = stream_rows(dst, M);
   at::parallel_for(0, row_blocks * panels, 1, [&](int64_t t0, int64_t t1) {
     amx::TileScope scope;
