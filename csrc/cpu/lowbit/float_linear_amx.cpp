@@ -2,10 +2,10 @@
 // tiles decoded from the packed codes per task, fp32 sums per group folded with the group's scale and
 // zero point (vitk/lowbit_amx_bf16.h has the arithmetic).
 //
-// Tasks are (block of rows, panel of 32 output channels), row-block-major, each block's parts at most
-// ~1 MiB: a thread decodes a panel's tiles (K x 32 bf16) and runs every 32-row step of its block over
-// them with the block held in L2. Steps of a single 16-row tile pair are used for the last <= 16 rows,
-// so a call of a few rows does half the tile products of a full step.
+// Tasks are (block of rows, panel of 32 output channels), row-block-major, each block's parts (one
+// slice of k at a time) at most 256 KiB: a thread runs every 32-row step of its block over a panel's
+// tiles (K x 32 bf16) with the block's slice held in L2. Steps of a single 16-row tile pair are used
+// for the last <= 16 rows, so a call of a few rows does half the tile products of a full step.
 #include "float_linear_amx.h"
 
 #if VITK_LOWBIT_AMX_BF16
@@ -24,7 +24,10 @@ namespace {
 namespace lb = ::vitk::lowbit;
 namespace amx = ::vitk::lowbit::amx;
 
-constexpr int64_t kRowBlockBytes = 1 << 20;  // x's parts per task: what one core's L2 holds
+// x's parts per task and slice of k. A quarter of one core's L2: the weights' slice and the output
+// share it (at 1 MiB, 3072 -> 768 took 18 against 14 ms, and no shape was faster).
+constexpr int64_t kRowBlockBytes = 1 << 18;
+constexpr int64_t kSliceChunks = 16;         // chunks of k per slice (512 values), whole groups
 constexpr int64_t kPanel = 32;               // output channels per task: the two blocks of one step
 constexpr int kStepRows = 32;
 
@@ -47,10 +50,13 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
   const int parts = x.scalar_type() == at::kFloat ? 3 : x.scalar_type() == at::kHalf ? 2 : 1;
   const int64_t Kp = lb::ceil_div(K, amx::kBf16Chunk) * amx::kBf16Chunk, chunks = Kp / amx::kBf16Chunk;
   const int64_t groups = K / codes.G, group_chunks = groups == 1 ? chunks : codes.G / amx::kBf16Chunk;
-  const int64_t row_elems = parts * Kp;
+  // x's parts tile-major: per 16 rows, per part, per chunk one contiguous 1 KiB tile. (Row-major, a
+  // tile's 16 rows sat 18 KiB apart at K = 3072, in 16 pages: the tile loads then ran at a fifth of the
+  // speed they have at K = 768.)
+  const int64_t part_elems = chunks * amx::kBf16TileElems, group_elems = parts * part_elems;
 
   // Rows past M are slack for the last step's tile loads; their sums are never stored.
-  std::unique_ptr<uint16_t[]> a(new uint16_t[(M + kStepRows) * row_elems]);
+  std::unique_ptr<uint16_t[]> a(new uint16_t[lb::ceil_div(M + kStepRows, 16) * group_elems]);
   std::vector<float> gsum(codes.zero ? M * groups : 0);
   std::vector<uint8_t> exact(M);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
@@ -59,14 +65,23 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
       for (int64_t m = m0; m < m1; ++m) {
         const float* row = x.scalar_type() == at::kFloat ? x.const_data_ptr<float>() + off[m] : conv.data();
         if (x.scalar_type() != at::kFloat) load_row(x, off[m], K, conv.data());
-        exact[m] = amx::split_row<P>(row, K, Kp, a.get() + m * row_elems, codes.G,
+        uint16_t* dst = a.get() + (m / 16) * group_elems + (m % 16) * amx::kBf16Chunk;
+        exact[m] = amx::split_row<P>(row, K, Kp, dst, part_elems, amx::kBf16TileElems, codes.G,
                                      codes.zero ? gsum.data() + m * groups : nullptr);
       }
     });
   });
 
+  // k runs in slices of whole groups (or, with one group, slices of kSliceChunks whose sums fold like
+  // groups with the same scales, the zero point's term once): a task's rows then sweep one slice of the
+  // panel at a time, so a block of rows holds only that slice of x in L2 and can be long. (Whole rows in
+  // L2 at K = 3072 meant 32-row blocks, each reading all of the weights from L3.)
+  const int64_t unit_chunks = groups == 1 ? std::min(chunks, kSliceChunks) : group_chunks;
+  const int64_t units = lb::ceil_div(chunks, unit_chunks);
+  const int64_t slice_units = std::max<int64_t>(1, kSliceChunks / unit_chunks), slices = lb::ceil_div(units, slice_units);
+  const int64_t slice_elems = parts * std::min(chunks, slice_units * unit_chunks) * amx::kBf16Chunk;
   const int64_t panels = lb::ceil_div(N, kPanel);
-  const int64_t max_rows = std::max<int64_t>(kStepRows, kRowBlockBytes / (2 * row_elems) / kStepRows * kStepRows);
+  const int64_t max_rows = std::max<int64_t>(kStepRows, kRowBlockBytes / (2 * slice_elems) / kStepRows * kStepRows);
   const int64_t row_blocks = lb::ceil_div(M, max_rows);
   const int64_t block_rows = lb::ceil_div(lb::ceil_div(M, row_blocks), kStepRows) * kStepRows;
   const __m512i table = amx::code_word_table(codes.values);
@@ -146,29 +161,33 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
       own[b].sz = own[b].sc + scale_elems;
     }
     alignas(64) float prods[2][kStepRows * kPanel];
-    alignas(64) float acc[kStepRows * kPanel];
-    // A step's group of sums folded into acc: acc = sum over groups of scale * (sums - zero * sum(x)),
-    // finished (bias, activation) and stored after the last group. Rows [done, rows) are left to fold.
+    std::vector<float> acc_steps(lb::ceil_div(block_rows, kStepRows) * kStepRows * kPanel);
+    // A step's unit of sums (a group, or a slice of the one group) folded into the step's acc: acc = sum
+    // over groups of scale * (sums - zero * sum(x)), finished (bias, activation) and stored after the
+    // last unit. Rows [done, rows) are left to fold.
     struct Pending {
-      int64_t m = -1, g = 0;
+      int64_t m = -1, u = 0;
       int rows = 0, buf = 0, done = 0;
+      float* acc = nullptr;
       const Panel* pn = nullptr;
     } pending;
     auto fold = [&](Pending& q, int upto) {
       const Panel& pn = *q.pn;
       const float* sums = prods[q.buf];
+      const int64_t g = groups == 1 ? 0 : q.u;
+      const bool zero_term = codes.zero && (groups > 1 || q.u == 0);
       for (int i = q.done; i < upto; ++i)
         for (int j = 0; j < pn.blocks; ++j) {
           const int at_ = i * kPanel + 16 * j;
-          const __m512 s = _mm512_loadu_ps(pn.sc + q.g * kPanel + 16 * j);
+          const __m512 s = _mm512_loadu_ps(pn.sc + g * kPanel + 16 * j);
           __m512 d = _mm512_load_ps(sums + at_);
           if (q.rows <= 16) d = _mm512_add_ps(d, _mm512_load_ps(sums + at_ + 16 * kPanel));
-          __m512 v = q.g == 0 ? _mm512_mul_ps(d, s) : _mm512_fmadd_ps(d, s, _mm512_load_ps(acc + at_));
-          if (codes.zero)
-            v = _mm512_fnmadd_ps(_mm512_set1_ps(gsum[(q.m + i) * groups + q.g]),
-                                 _mm512_loadu_ps(pn.sz + q.g * kPanel + 16 * j), v);
-          if (q.g + 1 < groups) {
-            _mm512_store_ps(acc + at_, v);
+          __m512 v = q.u == 0 ? _mm512_mul_ps(d, s) : _mm512_fmadd_ps(d, s, _mm512_loadu_ps(q.acc + at_));
+          if (zero_term)
+            v = _mm512_fnmadd_ps(_mm512_set1_ps(gsum[(q.m + i) * groups + g]),
+                                 _mm512_loadu_ps(pn.sz + g * kPanel + 16 * j), v);
+          if (q.u + 1 < units) {
+            _mm512_storeu_ps(q.acc + at_, v);
             continue;
           }
           const int64_t nj = pn.n0 + 16 * j;
@@ -209,11 +228,13 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
       const Panel& pn = shared ? shared_panels[t % panels] : own[pb];
       const bool decode_next = !shared && next < t1;
       if (decode_next) start_decode(dec, next % panels);
+      for (int64_t sl = 0; sl < slices; ++sl)
       for (int64_t m = m0; m < m1; m += kStepRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kStepRows, m1 - m));
-        const uint16_t* am = a.get() + m * row_elems;
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t c0 = g * group_chunks, c1 = std::min(chunks, c0 + group_chunks);
+        const uint16_t* am = a.get() + (m / 16) * group_elems;
+        float* acc = acc_steps.data() + (m - m0) * kPanel;
+        for (int64_t u = sl * slice_units; u < std::min(units, (sl + 1) * slice_units); ++u) {
+          const int64_t c0 = u * unit_chunks, c1 = std::min(chunks, c0 + unit_chunks);
           const int fold_step = pending.m >= 0 ? static_cast<int>(lb::ceil_div(pending.rows, c1 - c0)) : 0;
           auto between = [&] {
             if (fold_step) fold(pending, std::min(pending.rows, pending.done + fold_step));
@@ -221,13 +242,13 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
           };
           with_parts(parts, [&]<int P>() {
             if (rows > 16)
-              amx::bf16_products<2, P>(am, 2 * row_elems, Kp, pn.tiles, c0, c1, between);
+              amx::bf16_products<2, P>(am, am + group_elems, part_elems, pn.tiles, c0, c1, between);
             else
-              amx::bf16_products<1, P>(am, 2 * row_elems, Kp, pn.tiles, c0, c1, between);
+              amx::bf16_products<1, P>(am, am, part_elems, pn.tiles, c0, c1, between);
           });
           if (pending.m >= 0) fold(pending, pending.rows);
           amx::store_products(prods[cur]);
-          pending = {m, g, rows, cur, 0, &pn};
+          pending = {m, u, rows, cur, 0, acc, &pn};
           cur ^= 1;
         }
       }

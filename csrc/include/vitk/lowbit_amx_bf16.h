@@ -53,11 +53,14 @@ inline bool available_bf16() {
 
 inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-// Row x (K fp32 values) as P bf16 parts, part p at dst + p * Kp, each zero-padded to Kp (a multiple of
-// 32). With gsum, also the fp32 sum of each group of G values. Returns false when the row must take the
-// fp32 path (see the header); dst is then partly written and must not be used.
+// Row x (K fp32 values) as P bf16 parts, zero-padded to Kp (a multiple of 32): value k of part p at
+// dst + p * part_elems + (k / 32) * chunk_elems + k % 32, so that the caller chooses the layout (tile-
+// major: each chunk of 16 rows one contiguous 1 KiB tile). With gsum, also the fp32 sum of each group
+// of G values. Returns false when the row must take the fp32 path (see the header); dst is then partly
+// written and must not be used.
 template <int P>
-inline bool split_row(const float* x, int64_t K, int64_t Kp, uint16_t* dst, int64_t G, float* gsum) {
+inline bool split_row(const float* x, int64_t K, int64_t Kp, uint16_t* dst, int64_t part_elems, int64_t chunk_elems,
+                      int64_t G, float* gsum) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   const __m512 limit = _mm512_set1_ps(kSplitMax);
@@ -67,9 +70,10 @@ inline bool split_row(const float* x, int64_t K, int64_t Kp, uint16_t* dst, int6
     const __m512 a = _mm512_abs_ps(r);
     bad |= _mm512_cmp_ps_mask(a, limit, _CMP_NLT_UQ);  // NaN, inf, >= 2^126
     amax = _mm512_max_ps(amax, a);
+    uint16_t* at = dst + (k / kBf16Chunk) * chunk_elems + k % kBf16Chunk;
     for (int p = 0; p < P; ++p) {
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p * Kp + k), h);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + p * part_elems), h);
       if (p + 1 < P) r = _mm512_sub_ps(r, bf16_to_f32(h));
     }
   }
@@ -127,46 +131,46 @@ inline void code_tile_bf16(const uint8_t* const* rows, int64_t c, int bytes, __m
   }
 }
 
-// Tiles 0..3 = 16 (R = 1) or 32 (R = 2) rows of x's P parts (part p of the step's first row at
-// a + p * part_elems, rows lda bytes apart) times the two weight tiles of each chunk in [c0, c1) (panel:
-// two tiles per chunk). R = 2: tiles 0, 1 hold rows 0-15 against channel blocks 0, 1; tiles 2, 3 rows
+// Tiles 0..3 = 16 (R = 1) or 32 (R = 2) rows of x's P parts (tile-major: the tile of part p, chunk c
+// of rows 0-15 at a0 + p * part_elems + c * kBf16TileElems, of rows 16-31 the same from a1) times the
+// two weight tiles of each chunk in [c0, c1) (panel: two tiles per chunk). R = 2: tiles 0, 1 hold rows 0-15 against channel blocks 0, 1; tiles 2, 3 rows
 // 16-31. R = 1: tiles 0, 1 hold the sums of parts 0 and 2 and tiles 2, 3 those of part 1, to be added
 // (four chains of accumulation instead of two: a tile product waits for the previous one into its tile).
 // between() runs after each chunk's products are issued: vector work placed there runs while they
 // execute (work after a long run of tile products waits for them to retire, the reorder window being full).
 template <int R, int P, class Between>
-inline void bf16_products(const uint16_t* a, int64_t lda, int64_t part_elems, const uint16_t* panel, int64_t c0,
-                          int64_t c1, Between&& between) {
+inline void bf16_products(const uint16_t* a0, const uint16_t* a1, int64_t part_elems, const uint16_t* panel,
+                          int64_t c0, int64_t c1, Between&& between) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  const uint16_t* a1 = a + 16 * lda / 2;
   for (int64_t c = c0; c < c1; ++c) {
     _tile_loadd(6, panel + 2 * c * kBf16TileElems, 64);
     _tile_loadd(7, panel + (2 * c + 1) * kBf16TileElems, 64);
-    const uint16_t* ac = a + c * kBf16Chunk;
+    const uint16_t* ac = a0 + c * kBf16TileElems;
     if constexpr (R == 2) {
+      const uint16_t* ac1 = a1 + c * kBf16TileElems;
 #pragma GCC unroll 3
       for (int p = 0; p < P; ++p) {
-        _tile_loadd(4, ac + p * part_elems, lda);
+        _tile_loadd(4, ac + p * part_elems, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, a1 + p * part_elems + c * kBf16Chunk, lda);
+        _tile_loadd(5, ac1 + p * part_elems, 64);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
     } else {
-      _tile_loadd(4, ac, lda);
+      _tile_loadd(4, ac, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       if constexpr (P >= 2) {
-        _tile_loadd(5, ac + part_elems, lda);
+        _tile_loadd(5, ac + part_elems, 64);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
       if constexpr (P >= 3) {
-        _tile_loadd(4, ac + 2 * part_elems, lda);
+        _tile_loadd(4, ac + 2 * part_elems, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
       }
