@@ -3,8 +3,9 @@ bf16 parts whose sum is x exactly; VITK_LOWBIT_AMX=0 keeps the fp32 kernels. The
 orders, so they are compared with the float64 reference: the tile kernel's error must be of the fp32
 kernels' size (a part dropped or rounded would make it 2^7 or more times larger), and rows the tiles
 cannot take exactly (inf, NaN, |x| >= 2^126, a largest |x| below 2^-90) must come out as the fp32
-kernels compute them. Shapes take every edge: ragged rows, channels and k, several row blocks, 16 rows
-or fewer, every group size with fractional zero points, bf16 and fp16 x (one and two parts)."""
+kernels compute them. Shapes take every edge: ragged rows, channels and k, several row blocks (weights
+decoded per task and once per call), several slices of k, 16 rows or fewer, every group size with
+fractional zero points, bf16 and fp16 x (one and two parts)."""
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from test_lowbit_amx import _tiles_granted
 pytestmark = pytest.mark.skipif(not (_tiles_granted() and "amx_bf16" in BUILD_INFO.get("cpu_isa", ())),
                                 reason="no AMX bf16 tiles in this build or on this CPU")
 
-SHAPES = [(4, 3, 2), (5, 17, 18), (16, 33, 130), (17, 40, 64), (33, 70, 1000), (70, 33, 2500), (450, 20, 2500)]
+# (1024: groups of 32-128 over two slices of k, one task's rows or rows shared over several tasks)
+SHAPES = [(4, 3, 2), (5, 17, 18), (16, 33, 130), (17, 40, 64), (33, 70, 1000), (70, 33, 2500), (450, 20, 2500),
+          (60, 40, 1024), (200, 40, 1024)]
 
 SCRIPT = r"""
 import sys, torch, vitkernels

@@ -113,6 +113,22 @@ inline void store(const OutRows& out, int64_t row, int64_t n0, const float* src,
   }
 }
 
+#if defined(__AVX512F__)
+// 16 finished values of row `row`, columns [n0, n0 + valid): a whole fp32 row of 16 goes out as one
+// vector (a streaming store when `stream`, see stream_rows), anything else through store().
+inline void store16(const OutRows& out, bool stream, int64_t row, int64_t n0, const float* v, int valid) {
+  if (out.type != at::kFloat || valid != 16) {
+    store(out, row, n0, v, valid);
+    return;
+  }
+  float* at_ = static_cast<float*>(out.base) + row * out.ld + n0;
+  if (stream)
+    _mm512_stream_ps(at_, _mm512_loadu_ps(v));
+  else
+    _mm512_storeu_ps(at_, _mm512_loadu_ps(v));
+}
+#endif
+
 // A per-channel vector ([N], any float dtype) as contiguous fp32, or undefined when absent.
 inline at::Tensor channel_vector(const std::optional<at::Tensor>& t, const char* name, int64_t N, const at::Tensor& x,
                                  bool fp32_only = false) {

@@ -1,6 +1,7 @@
 // int4_linear and shift_linear on AMX bf16 tiles: x split into exact bf16 parts once per call, weight
-// tiles decoded from the packed codes per task, fp32 sums per group folded with the group's scale and
-// zero point (vitk/lowbit_amx_bf16.h has the arithmetic).
+// tiles decoded from the packed codes (once per call, or per task overlapped with the previous task's
+// products), fp32 sums per group folded with the group's scale and zero point (vitk/lowbit_amx_bf16.h
+// has the arithmetic).
 //
 // Tasks are (block of rows, panel of 32 output channels), row-block-major, each block's parts (one
 // slice of k at a time) at most 256 KiB: a thread runs every 32-row step of its block over a panel's
@@ -193,13 +194,7 @@ std::vector<int64_t> amx_float_gemm(const at::Tensor& x, const std::vector<int64
           const int64_t nj = pn.n0 + 16 * j;
           const int valid = static_cast<int>(std::min<int64_t>(16, N - nj));
           const lb::v16f f = lb::finish((lb::v16f)v, 1.f, ep, nj, valid);
-          float* at_out = static_cast<float*>(dst.base) + (q.m + i) * dst.ld + nj;
-          if (dst.type == at::kFloat && valid == 16 && stream)
-            _mm512_stream_ps(at_out, (__m512)f);
-          else if (dst.type == at::kFloat && valid == 16)
-            _mm512_storeu_ps(at_out, (__m512)f);
-          else
-            store(dst, q.m + i, nj, reinterpret_cast<const float*>(&f), valid);
+          store16(dst, stream, q.m + i, nj, reinterpret_cast<const float*>(&f), valid);
         }
       q.done = std::max(q.done, upto);
     };

@@ -178,17 +178,10 @@ void amx_gemm(const PackedX& p, const IntWeights& w, int64_t N, int64_t K, const
           const __m512i colc = _mm512_loadu_si512(reinterpret_cast<const void*>(wb + j * bb + KQ * lb::kQuadBytes));
           const int64_t nj = n0 + j * lb::kBlockN;
           const int valid = static_cast<int>(std::min<int64_t>(lb::kBlockN, N - nj));
-          const bool direct = dst.type == at::kFloat && valid == lb::kBlockN;
-          float* out0 = static_cast<float*>(dst.base) + nj;
           for (int i = 0; i < rows; ++i) {
             const __m512i s = _mm512_load_si512(buf + i * amx::kStepBlocks * lb::kBlockN + (j - j0) * lb::kBlockN);
             const lb::v16f v = lb::finish_sums(s, rowc[m + i], colc, rscale[m + i], ep, nj, valid);
-            if (direct && stream)
-              _mm512_stream_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
-            else if (direct)
-              _mm512_storeu_ps(out0 + (m + i) * dst.ld, reinterpret_cast<__m512>(v));
-            else
-              store(dst, m + i, nj, reinterpret_cast<const float*>(&v), valid);
+            store16(dst, stream, m + i, nj, reinterpret_cast<const float*>(&v), valid);
           }
         }
       };
